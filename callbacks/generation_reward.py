@@ -1,0 +1,62 @@
+"""`GenerationReward`: score the policy's greedy generations with a reward program during validation.
+
+Logs `val/generation/reward` (mean reward) and `val/generation/length` (mean words per response),
+and a few prompt → response samples as TensorBoard text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from datasets import load_dataset
+
+from lightning_modules.generation import generate_responses
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+def load_prompts(path: str, limit: int | None = None, field: str = "prompt") -> list:
+    """Prompts from a JSONL file (one `{"prompt": ...}` per line) through HF `datasets`."""
+    rows = load_dataset("json", data_files={"prompts": path})["prompts"]
+    prompts = rows[field]
+    return prompts[:limit] if limit else prompts
+
+
+class GenerationReward(L.Callback):
+    """Greedy generations on held-out prompts, scored by `reward`, every validation epoch."""
+
+    def __init__(self, reward: RewardFn, prompts_path: str, num_prompts: int = 64, max_new_tokens: int = 32,
+                 num_samples_logged: int = 4):
+        """Generation evaluation.
+
+        Args:
+            reward: callable (prompts, responses) -> rewards, e.g. datamodules.synthetic.SyntheticReward.
+            prompts_path: JSONL file of {"prompt": ...} rows to generate from.
+            num_prompts: how many of those prompts to use (the first N).
+            max_new_tokens: generation budget per response.
+            num_samples_logged: prompt/response pairs written to TensorBoard as text.
+        """
+        self.reward = reward
+        self.prompts_path = prompts_path
+        self.num_prompts = num_prompts
+        self.max_new_tokens = max_new_tokens
+        self.num_samples_logged = num_samples_logged
+        self._prompts: list | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._prompts is None:
+            self._prompts = load_prompts(self.prompts_path, self.num_prompts)
+        tokenizer = trainer.datamodule.tokenizer
+        responses = generate_responses(pl_module.policy, tokenizer, self._prompts, max_new_tokens=self.max_new_tokens)
+        rewards = list(self.reward(self._prompts, responses))
+        lengths = [len(r.split()) for r in responses]
+        pl_module.log("val/generation/reward", sum(rewards) / len(rewards), sync_dist=True)
+        pl_module.log("val/generation/length", sum(lengths) / len(lengths), sync_dist=True)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            lines = [f"**{p}** → `{r}` (reward {w:.2f})" for p, r, w in
+                     zip(self._prompts, responses, rewards)][: self.num_samples_logged]
+            experiment.add_text("val/generation/samples", "\n\n".join(lines), trainer.global_step)

@@ -1,0 +1,37 @@
+"""`MetricsJSON`: write the latest logged metrics to a JSON file after every validation and at fit end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+class MetricsJSON(L.Callback):
+    """Keeps `trainer.callback_metrics` (e.g. `val/rewards/accuracies`) readable by scripts."""
+
+    def __init__(self, path: str):
+        """Output file.
+
+        Args:
+            path: JSON file to (atomically) rewrite with {metric name: value, "step": global step}.
+        """
+        self.path = Path(path)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["step"] = trainer.global_step
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)

@@ -1,0 +1,1 @@
+"""Training modules, objectives and the CLI of the preference-optimization codebase."""

@@ -1,0 +1,114 @@
+"""`DPOModule`: any pairwise objective from `objectives.OBJECTIVES` against any reference provider.
+
+One shared step: policy log-probs (one concatenated forward) → reference log-probs → objective →
+metrics. The reference lives in `self.reference`, is never optimized and is left out of checkpoints
+(it is rebuilt from its source when the module is configured).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import Tensor
+
+from lightning_modules.errors import UserInputError
+from lightning_modules.logprobs import concatenated_forward
+from lightning_modules.objectives import OBJECTIVES, preference_metrics
+from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
+from lightning_modules.policy import Dtype, PolicyModule, default_optimizer, load_causal_lm
+from lightning_modules.references import LiveReference, NoReference, PrecomputedReference, ReferenceMode
+
+
+class DPOModule(PolicyModule):
+    """Direct preference optimization and its pairwise variants (cDPO, IPO, hinge, Pref-FT)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        objective: str = "sigmoid",
+        beta: float = 0.1,
+        objective_options: dict[str, Any] | None = None,
+        sft_weight: float = 0.0,
+        average_logps: bool = False,
+        reference: ReferenceMode = "live",
+        reference_name_or_path: str | None = None,
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory = LinearWarmupDecay,
+        dtype: Dtype = "float32",
+        gradient_checkpointing: bool = False,
+    ):
+        """DPO on pair batches from `datamodules.PreferenceDataModule`.
+
+        Args:
+            model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
+            objective: name in `lightning_modules.objectives.OBJECTIVES` (sigmoid, cdpo, ipo, hinge, sft, ...).
+            beta: β, the inverse temperature of the implicit reward β·(logπθ − logπref).
+            objective_options: extra keyword options of the objective, e.g. {label_smoothing: 0.1} for cdpo.
+            sft_weight: weight of an added per-token NLL term on the chosen response (0 = off).
+            average_logps: length-normalize sequence log-probs (use with ipo, as TRL does).
+            reference: live (frozen model), precomputed (batch columns) or none (reference-free, Δref = 0).
+            reference_name_or_path: model of a live reference; default = a frozen copy of the initial policy.
+            optimizer: optimizer factory called with the policy's parameters (class_path + init_args).
+            lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
+            dtype: dtype the policy (and a live reference) is loaded in.
+            gradient_checkpointing: recompute activations in the backward pass to save memory.
+        """
+        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing)
+        if objective not in OBJECTIVES:
+            raise UserInputError(f"model.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
+        if beta <= 0:
+            raise UserInputError(f"model.beta must be > 0, got {beta}")
+        self.objective = objective
+        self.beta = beta
+        self.objective_options = dict(objective_options or {})
+        self.sft_weight = sft_weight
+        self.average_logps = average_logps
+        self.reference_mode = reference
+        self.reference_name_or_path = reference_name_or_path
+        self.reference = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is not None:
+            return
+        if self.reference_mode == "live":
+            if self.reference_name_or_path is None:
+                model = copy.deepcopy(self.policy)
+            else:
+                model = load_causal_lm(self.reference_name_or_path, dtype=self.dtype_name)
+            self.reference = LiveReference(model, average=self.average_logps)
+        elif self.reference_mode == "precomputed":
+            self.reference = PrecomputedReference()
+        else:
+            self.reference = NoReference()
+
+    def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        policy = concatenated_forward(self.policy, batch, average=self.average_logps)
+        ref_chosen, ref_rejected = self.reference(batch)
+        out = OBJECTIVES[self.objective](
+            policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected,
+            beta=self.beta, **self.objective_options,
+        )
+        loss = out.losses.mean()
+        metrics = preference_metrics(out, policy.chosen_logps, policy.rejected_logps)
+        if self.sft_weight > 0:
+            chosen_nll = -policy.chosen_logps
+            if not self.average_logps:
+                chosen_nll = chosen_nll / policy.chosen_counts.clamp(min=1)
+            loss = loss + self.sft_weight * chosen_nll.mean()
+            metrics["sft_nll"] = chosen_nll.mean().detach()
+        return loss, metrics
+
+    # The reference is rebuilt from its source, so checkpoints hold the policy only.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.reference is not None:
+            state_dict = dict(state_dict)
+            for key, value in self.reference.state_dict(prefix="reference.").items():
+                state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,108 @@
+"""Per-sequence log-probabilities of response tokens, and the one concatenated forward.
+
+Conventions (SPEC section 1): `logp(y|x)` sums the log-probabilities of the *response* tokens only;
+prompt and padding positions carry the label `IGNORE_INDEX` (-100) and are masked out. With
+`average=True` the sum is divided by that sequence's own count of response tokens.
+
+Batch layout consumed by `concatenated_forward` (built by `datamodules.collate.PairCollator`)::
+
+    chosen_input_ids       (B, T)   chosen_attention_mask   (B, T)   chosen_labels   (B, T)
+    rejected_input_ids     (B, T)   rejected_attention_mask (B, T)   rejected_labels (B, T)
+
+Both halves are padded to the same T, so the forward is one call on the (2B, T) concatenation
+`[chosen; rejected]` (rows 0..B-1 chosen, rows B..2B-1 rejected). Policy and reference models use
+the same helper, so their log-probs are computed identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def sequence_logps(
+    logits: Tensor, labels: Tensor, *, average: bool = False, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Sum (or mean) of the log-probabilities of the labelled tokens of each sequence.
+
+    Args:
+        logits: (B, T, V) next-token logits, position t predicts token t+1.
+        labels: (B, T) token ids, `ignore_index` where no loss is taken (prompt, padding).
+        average: divide each sum by its number of labelled tokens (length-normalized log-prob).
+        ignore_index: label value that marks masked positions.
+
+    Returns:
+        logps: (B,) float32 summed (or averaged) log-probs of the response tokens.
+        token_counts: (B,) number of response tokens of each sequence (long).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    logits = logits[:, :-1, :].float()  # (B, T-1, V): predicts tokens 1..T-1
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != ignore_index
+    safe_labels = labels.masked_fill(~mask, 0)
+    # log_softmax(x)[y] = x[y] - logsumexp(x): avoids materialising a second (B, T, V) tensor.
+    picked = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    counts = mask.sum(-1)
+    logps = token_logps.sum(-1)
+    if average:
+        logps = logps / counts.clamp(min=1)
+    return logps, counts
+
+
+@dataclass
+class PairLogps:
+    """Output of `concatenated_forward`: everything is (B,) except `hidden_states`."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_counts: Tensor
+    rejected_counts: Tensor
+    # Tuple of (2B, T, D) per layer when requested (used by the SamS scheduler), else None.
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+def concatenate_pair(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stack the chosen and rejected halves of a pair batch into (2B, T) tensors."""
+    return {
+        key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+
+
+def concatenated_forward(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    average: bool = False,
+    output_hidden_states: bool = False,
+) -> PairLogps:
+    """One forward of `model` on `[chosen; rejected]`, split back into per-pair log-probs.
+
+    Args:
+        model: a causal LM returning `.logits` of shape (2B, T, V).
+        batch: a pair batch laid out as in this module's docstring.
+        average: length-normalize the log-probs (see `sequence_logps`).
+        output_hidden_states: also return every layer's hidden states (no extra forward).
+    """
+    inputs = concatenate_pair(batch)
+    out = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+    logps, counts = sequence_logps(out.logits, inputs["labels"], average=average)
+    n = batch["chosen_input_ids"].shape[0]
+    return PairLogps(
+        chosen_logps=logps[:n],
+        rejected_logps=logps[n:],
+        chosen_counts=counts[:n],
+        rejected_counts=counts[n:],
+        hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
+    )

@@ -1,0 +1,68 @@
+"""Reference policies behind one interface: `provider(batch) -> (ref_chosen_logps, ref_rejected_logps)`.
+
+Each returns tensors of shape (B,) (or (B, K) for several references). Modes (SPEC section 3):
+
+- `live`: a frozen model (by default a copy of the initial policy), always in `eval()` with
+  dropout off, run under `no_grad` through the same `concatenated_forward` as the policy.
+- `precomputed`: log-probs already stored in the batch (e.g. RefDPO's `chosen_logprob`).
+- `none`: reference-free DPO, Δref = 0 (RefDPO's "posterior probability" parameterization).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.errors import UserInputError
+from lightning_modules.logprobs import concatenated_forward
+
+ReferenceMode = Literal["live", "precomputed", "none"]
+
+
+class LiveReference(nn.Module):
+    """A frozen causal LM scored with the policy's own log-prob helper."""
+
+    def __init__(self, model: nn.Module, *, average: bool = False):
+        super().__init__()
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.average = average
+        self.forward_calls = 0  # counted so tests can assert when no reference pass happens
+
+    def train(self, mode: bool = True) -> "LiveReference":
+        """Stay in eval mode whatever the trainer asks: a reference never uses dropout."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        self.forward_calls += 1
+        out = concatenated_forward(self.model, batch, average=self.average)
+        return out.chosen_logps, out.rejected_logps
+
+
+class PrecomputedReference(nn.Module):
+    """Reference log-probs read from batch columns (summed log-probs, as RefDPO ships them)."""
+
+    def __init__(self, chosen_key: str = "ref_chosen_logps", rejected_key: str = "ref_rejected_logps"):
+        super().__init__()
+        self.chosen_key, self.rejected_key = chosen_key, rejected_key
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        missing = [k for k in (self.chosen_key, self.rejected_key) if k not in batch]
+        if missing:
+            raise UserInputError(
+                f"reference='precomputed' needs batch columns {missing}, but the batch has {sorted(batch)}. "
+                "Point the data module's reference columns at the dataset's stored log-probs."
+            )
+        return batch[self.chosen_key].float(), batch[self.rejected_key].float()
+
+
+class NoReference(nn.Module):
+    """Reference-free: Δref = 0, so the implicit reward is β·logπθ(y|x)."""
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        n = batch["chosen_input_ids"].shape[0]
+        zeros = torch.zeros(n, device=batch["chosen_input_ids"].device)
+        return zeros, zeros.clone()

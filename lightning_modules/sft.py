@@ -1,0 +1,59 @@
+"""`SFTModule`: supervised fine-tuning, the negative log-likelihood of the response tokens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from lightning_modules.logprobs import sequence_logps
+from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
+from lightning_modules.policy import Dtype, PolicyModule, default_optimizer
+
+Reduction = Literal["token_mean", "sequence_mean", "sum"]
+
+
+def sft_loss(logps: Tensor, counts: Tensor, reduction: Reduction) -> Tensor:
+    """Scalar NLL from per-sequence summed log-probs (B,) and response token counts (B,).
+
+    `token_mean` = Σ −logp / Σ tokens (the usual LM loss); `sequence_mean` = mean over sequences of
+    the per-token NLL; `sum` = mean over sequences of the summed NLL.
+    """
+    if reduction == "token_mean":
+        return -logps.sum() / counts.sum().clamp(min=1)
+    if reduction == "sequence_mean":
+        return (-logps / counts.clamp(min=1)).mean()
+    return (-logps).mean()
+
+
+class SFTModule(PolicyModule):
+    """Train the policy to imitate the responses of an SFT dataset (prompt tokens are not trained on)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        reduction: Reduction = "token_mean",
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory = LinearWarmupDecay,
+        dtype: Dtype = "float32",
+        gradient_checkpointing: bool = False,
+    ):
+        """SFT on (prompt, response) batches from `datamodules.SFTDataModule`.
+
+        Args:
+            model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
+            reduction: how token NLLs become the loss: token_mean, sequence_mean or sum.
+            optimizer: optimizer factory called with the policy's parameters (class_path + init_args).
+            lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
+            dtype: dtype the policy weights are loaded in.
+            gradient_checkpointing: recompute activations in the backward pass to save memory.
+        """
+        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing)
+        self.reduction = reduction
+
+    def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logps, counts = sequence_logps(out.logits, batch["labels"])
+        loss = sft_loss(logps, counts, self.reduction)
+        token_nll = (-logps.sum() / counts.sum().clamp(min=1)).detach()
+        return loss, {"nll_per_token": token_nll, "ppl": token_nll.exp()}
