@@ -30,7 +30,11 @@ def load_splits(path: str) -> DatasetDict:
         return load_dataset(builder, data_files={"train": str(local)})
     if path.startswith((".", "/")) and not local.exists():
         raise UserInputError(f"data.path={path!r} does not exist (build the synthetic assets first?)")
-    return load_dataset(path)
+    try:
+        return load_dataset(path)
+    except FileNotFoundError as error:  # a relative folder that is missing, or an unknown hub dataset
+        raise UserInputError(f"data.path={path!r} is neither an existing folder or file nor a hub dataset "
+                             f"(build the synthetic assets first?): {error}") from error
 
 
 def require_columns(dataset: Dataset, columns: list[str], where: str) -> None:

@@ -12,11 +12,33 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import set_parsing_settings
+from jsonargparse._common import debug_mode_active
+from omegaconf.errors import OmegaConfBaseException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.text_data import TextDataModule
 from lightning_modules.errors import UserInputError
 from lightning_modules.policy import PolicyModule
+
+
+NOISE = ("Given value type:", "Given value:", "- Expected a <class 'NoneType'>")
+
+
+def concise(message: str) -> str:
+    """jsonargparse's nested error text as one paragraph, keeping every line that names a key or value."""
+    lines = [line.strip() for line in message.splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(NOISE))
+
+
+class ConciseParser(LightningArgumentParser):
+    """Config errors as one paragraph naming the key (no 50-line usage dump); JSONARGPARSE_DEBUG=1 for all."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {concise(message)}\n(run with --help for every option and its description)\n")
+        self.exit(2)
 
 
 class PrefOptCLI(LightningCLI):
@@ -29,6 +51,8 @@ class PrefOptCLI(LightningCLI):
 def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
     """Build (and by default run) the CLI; `args=None` reads `sys.argv`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `${data.init_args.batch_size}` in a config file means that file's own keys, not `fit.data...`.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         return PrefOptCLI(
             model_class=PolicyModule,
@@ -37,10 +61,25 @@ def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # modules own their injected optimizer + schedule
             parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_class=ConciseParser,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
         )
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # jsonargparse wraps errors raised while instantiating classes
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def find_user_error(error: BaseException | None) -> Exception | None:
+    """The first user error (bad value, bad `${...}` interpolation) in an exception's cause/context chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (UserInputError, OmegaConfBaseException)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

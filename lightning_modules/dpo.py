@@ -8,7 +8,8 @@ metrics. The reference lives in `self.reference`, is never optimized and is left
 from __future__ import annotations
 
 import copy
-from typing import Any
+import inspect
+from typing import Any, get_args
 
 from torch import Tensor
 
@@ -18,6 +19,12 @@ from lightning_modules.objectives import OBJECTIVES, preference_metrics
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 from lightning_modules.policy import Dtype, PolicyModule, default_optimizer, load_causal_lm
 from lightning_modules.references import LiveReference, NoReference, PrecomputedReference, ReferenceMode
+
+
+def objective_option_names(name: str) -> set[str]:
+    """Keyword options an objective accepts besides `beta` (e.g. {"label_smoothing"} for cdpo)."""
+    params = inspect.signature(OBJECTIVES[name]).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "beta"}
 
 
 class DPOModule(PolicyModule):
@@ -59,6 +66,13 @@ class DPOModule(PolicyModule):
             raise UserInputError(f"model.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
         if beta <= 0:
             raise UserInputError(f"model.beta must be > 0, got {beta}")
+        if reference not in get_args(ReferenceMode):
+            raise UserInputError(f"model.reference={reference!r} is not one of {list(get_args(ReferenceMode))}")
+        accepted = objective_option_names(objective)
+        unknown = sorted(set(objective_options or {}) - accepted)
+        if unknown:
+            raise UserInputError(f"model.objective_options has {unknown}, which objective {objective!r} does not take; "
+                                 f"it accepts {sorted(accepted) or 'no options'}")
         self.objective = objective
         self.beta = beta
         self.objective_options = dict(objective_options or {})

@@ -37,6 +37,12 @@ def constant_with_warmup(step: int, *, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def check_warmup_ratio(warmup_ratio: float) -> None:
+    """Reject a warmup fraction outside [0, 1) with a message naming the key."""
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+
+
 class LinearWarmupDecay(LambdaLR):
     """Linear warmup for `warmup_ratio` of training, then linear decay (the RefDPO / DPO default)."""
 
@@ -49,8 +55,7 @@ class LinearWarmupDecay(LambdaLR):
             warmup_ratio: fraction of `total_steps` spent warming up linearly from 0.
             final_ratio: learning-rate multiplier reached at the last step.
         """
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        check_warmup_ratio(warmup_ratio)
         warmup = int(round(warmup_ratio * total_steps))
         super().__init__(
             optimizer,
@@ -69,5 +74,6 @@ class ConstantWithWarmup(LambdaLR):
             total_steps: total optimizer steps of the run (filled in by the module from the trainer).
             warmup_ratio: fraction of `total_steps` spent warming up linearly from 0.
         """
+        check_warmup_ratio(warmup_ratio)
         warmup = int(round(warmup_ratio * total_steps))
         super().__init__(optimizer, lambda step: constant_with_warmup(step, warmup_steps=warmup))

@@ -64,6 +64,8 @@ class PolicyModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
+        # from_pretrained returns eval mode and Lightning keeps module modes: train with dropout as configured.
+        self.policy.train()
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             self.policy.config.use_cache = False

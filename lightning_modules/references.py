@@ -30,6 +30,7 @@ class LiveReference(nn.Module):
         self.model.requires_grad_(False)
         self.average = average
         self.forward_calls = 0  # counted so tests can assert when no reference pass happens
+        self.train(False)  # this wrapper too, not only the wrapped model (nn.Module starts in train mode)
 
     def train(self, mode: bool = True) -> "LiveReference":
         """Stay in eval mode whatever the trainer asks: a reference never uses dropout."""

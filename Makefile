@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-fast install clean-demo tensorboard
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: on this CPU machine 2.13.0 is the local CPU wheel (a range would pull CUDA builds).
+	$(PIP) install torch==2.13.0
+	# DeepSpeed builds against the installed torch (no build isolation, no CUDA ops compiled).
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Quickstart: synthetic assets -> SFT -> DPO (reference = SFT policy) -> greedy-generation evaluation.
+demo: $(STAMP)
+	rm -rf runs/demo/sft runs/demo/dpo runs/demo/tensorboard
+	$(PY) -m datamodules.synthetic build --out runs/demo/assets
+	$(PY) -m lightning_modules fit --config configs/quickstart/sft.yaml
+	$(PY) -m lightning_modules fit --config configs/quickstart/dpo.yaml
+	$(PY) -m lightning_modules.evaluate --config configs/quickstart/evaluate.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,176 @@
+"""Every YAML under `configs/` parses and instantiates with the entry point that runs it.
+
+Training configs (top-level `model` + `data`) go through `lightning_modules.cli.main(run=False)`,
+which builds the trainer, the model and the datamodule without fitting. Their input paths point at
+the `assets` fixture and every output path (`runs/...`) into `tmp_path`, through a rewritten copy of
+the YAML (`localize`), so nothing is written into the repository. Instantiation must stay cheap:
+weights and tokenizers load only in `configure_model` / `setup`, which this test forbids.
+Evaluation configs go through the parser `lightning_modules.evaluate` builds.
+A config that matches neither fails, so a new kind of config gets an entry point here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+import datamodules.text_data
+from datamodules import PreferenceDataModule, SFTDataModule
+from lightning_modules.cli import main
+from lightning_modules.policy import PolicyModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+# Which asset folder feeds each datamodule class (most specific first).
+DATA_FOLDERS: list[tuple[type, str]] = [(PreferenceDataModule, "data/prefs"), (SFTDataModule, "data/sft")]
+# Input paths, by key, wherever they appear in the config.
+INPUT_PATHS = {"model_name_or_path": "model", "reference_name_or_path": "model",
+               "prompts_path": "data/prompts/test.jsonl"}
+
+
+def import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def data_folder(class_path: str) -> str | None:
+    cls = import_class(class_path)
+    return next((folder for base, folder in DATA_FOLDERS if issubclass(cls, base)), None)
+
+
+def localize(config: dict[str, Any], assets: Path, out: Path) -> dict[str, Any]:
+    """A copy of a training config reading from `assets` and writing under `out`.
+
+    Known inputs (`INPUT_PATHS` keys, `data.init_args.path`) are replaced by their asset; any other
+    repository-relative `runs/...` string (checkpoints, logs, exports, metrics) moves under `out`.
+    """
+
+    def walk(node: Any, key: str | None = None) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str) and key in INPUT_PATHS:
+            return str(assets / INPUT_PATHS[key])
+        if isinstance(node, str) and node.startswith("runs/"):
+            return str(out / node)
+        return node
+
+    local = walk(config)
+    folder = data_folder(local["data"]["class_path"])
+    if folder is not None:
+        local["data"]["init_args"]["path"] = str(assets / folder)
+    return local
+
+
+def write_localized(path: Path, assets: Path, out: Path) -> Path:
+    """`localize` the YAML at `path` and write it to `out/<name>`; return the new file."""
+    local = localize(yaml.safe_load(path.read_text()), assets, out)
+    target = out / path.name
+    target.write_text(yaml.safe_dump(local, sort_keys=False))
+    return target
+
+
+def is_training_config(config: dict[str, Any]) -> bool:
+    return {"model", "data"} <= config.keys()
+
+
+def is_evaluation_config(config: dict[str, Any]) -> bool:
+    return {"policies", "prompts_path", "reward"} <= config.keys()
+
+
+def under(path: str | Path, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root.resolve())
+
+
+def test_configs_are_found():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
+    assert {"quickstart/sft.yaml", "quickstart/dpo.yaml"} <= names
+
+
+def test_localize_rewrites_inputs_and_outputs(tmp_path):
+    config = {
+        "trainer": {"default_root_dir": "runs/demo", "callbacks": [
+            {"class_path": "x.Cb", "init_args": {"dirpath": "runs/demo/ckpt", "prompts_path": "runs/p.jsonl"}}]},
+        "model": {"class_path": "lightning_modules.dpo.DPOModule",
+                  "init_args": {"model_name_or_path": "org/big-model", "reference_name_or_path": None}},
+        "data": {"class_path": "datamodules.PreferenceDataModule", "init_args": {"path": "org/pairs"}},
+    }
+    local = localize(config, Path("/a"), tmp_path)
+    assert local["trainer"]["default_root_dir"] == str(tmp_path / "runs/demo")
+    assert local["trainer"]["callbacks"][0]["init_args"] == {
+        "dirpath": str(tmp_path / "runs/demo/ckpt"), "prompts_path": "/a/data/prompts/test.jsonl"}
+    assert local["model"]["init_args"] == {"model_name_or_path": "/a/model", "reference_name_or_path": None}
+    assert local["data"]["init_args"]["path"] == "/a/data/prefs"
+    assert config["data"]["init_args"]["path"] == "org/pairs"  # the input is not modified
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make any weight or tokenizer load fail: instantiating a config must not do either."""
+    monkeypatch.setattr(sys, "argv", ["lightning_modules"])  # `main(args)` must not see pytest's argv
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"loaded during instantiation: {args}")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(datamodules.text_data, "load_tokenizer", refuse)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(REPO / "configs").as_posix() for p in CONFIGS])
+def test_config_instantiates(path, assets, tmp_path, no_loading):
+    config = yaml.safe_load(path.read_text())
+    if is_training_config(config):
+        check_training_config(config, path, assets, tmp_path)
+    elif is_evaluation_config(config):
+        check_evaluation_config(config, path)
+    else:
+        pytest.fail(f"{path}: no known entry point parses this config; teach tests/test_configs.py about it")
+
+
+def check_training_config(config: dict[str, Any], path: Path, assets: Path, tmp_path: Path) -> None:
+    local = write_localized(path, assets, tmp_path)
+    cli = main(["--config", str(local)], run=False)
+
+    model_class = import_class(config["model"]["class_path"])
+    assert type(cli.model) is model_class and isinstance(cli.model, PolicyModule)
+    assert cli.model.policy is None  # weights arrive in configure_model, not in __init__
+    assert type(cli.datamodule) is import_class(config["data"]["class_path"])
+    assert cli.datamodule.tokenizer is None and not cli.datamodule.data
+    # the CLI links the tokenizer to the model; the config never repeats it
+    assert cli.datamodule.tokenizer_name_or_path == cli.model.model_name_or_path == str(assets / "model")
+    for key, value in config["data"].get("init_args", {}).items():  # plain values reach the object
+        if key != "path" and hasattr(cli.datamodule, key) and not str(value).startswith("${"):
+            assert getattr(cli.datamodule, key) == value, key
+
+    assert isinstance(cli.trainer, L.Trainer)
+    configured = [c["class_path"].rpartition(".")[2] for c in config.get("trainer", {}).get("callbacks", [])]
+    present = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert all(name in present for name in configured), (configured, present)
+    # every output location is inside tmp_path
+    assert under(cli.trainer.default_root_dir, tmp_path)
+    if cli.trainer.logger is not None:
+        assert under(cli.trainer.logger.save_dir, tmp_path)
+    for callback in cli.trainer.callbacks:
+        for attr in ("dirpath", "path"):
+            if getattr(callback, attr, None) is not None:
+                assert under(getattr(callback, attr), tmp_path), (type(callback).__name__, attr)
+
+
+def check_evaluation_config(config: dict[str, Any], path: Path) -> None:
+    from jsonargparse import auto_parser
+
+    from lightning_modules.evaluate import evaluate
+
+    parser = auto_parser(evaluate, parser_mode="omegaconf+", exit_on_error=False)
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
+    assert type(init.reward) is import_class(config["reward"]["class_path"])
+    assert dict(init.policies) == config["policies"]
