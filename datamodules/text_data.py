@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.errors import UserInputError
 
+# Which splits each Lightning stage reads.
+STAGE_ROLES = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -56,7 +58,7 @@ class TextDataModule(L.LightningDataModule):
         max_length: int = 512,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        train_split: str = "train",
+        train_split: str | None = "train",
         val_split: str | None = "validation",
         test_split: str | None = None,
         num_workers: int = 0,
@@ -69,7 +71,7 @@ class TextDataModule(L.LightningDataModule):
             max_length: maximum prompt + response tokens; longer rows are truncated (response first).
             batch_size: training batch size per device.
             eval_batch_size: validation / test batch size per device (default: batch_size).
-            train_split: name of the training split.
+            train_split: name of the training split (None = no training).
             val_split: name of the validation split (None = no validation).
             test_split: name of the test split (None = no test).
             num_workers: DataLoader worker processes.
@@ -94,13 +96,15 @@ class TextDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.data:
+        """Tokenize the splits `stage` needs (all configured ones when stage is None); each only once."""
+        roles = [r for r in STAGE_ROLES.get(stage, list(self.splits)) if self.splits.get(r) and r not in self.data]
+        if not roles:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
         raw = load_splits(self.path)
-        for role, split in self.splits.items():
-            if split is None:
-                continue
+        for role in roles:
+            split = self.splits[role]
             if split not in raw:
                 raise UserInputError(f"data.path={self.path!r} has no split {split!r} (needed as the {role} split); "
                                      f"splits present: {sorted(raw)}")

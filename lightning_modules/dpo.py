@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any, get_args
 
 from torch import Tensor
@@ -19,6 +20,11 @@ from lightning_modules.objectives import OBJECTIVES, preference_metrics
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 from lightning_modules.policy import Dtype, PolicyModule, default_optimizer, load_causal_lm
 from lightning_modules.references import LiveReference, NoReference, PrecomputedReference, ReferenceMode
+
+
+# The frozen reference is in eval mode on purpose (no dropout); the policy is put in train mode by
+# `PolicyModule.configure_model`, so Lightning's "modules in eval mode" warning is only noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def objective_option_names(name: str) -> set[str]:
@@ -44,6 +50,7 @@ class DPOModule(PolicyModule):
         lr_scheduler: SchedulerFactory = LinearWarmupDecay,
         dtype: Dtype = "float32",
         gradient_checkpointing: bool = False,
+        generation: dict[str, Any] | None = None,
     ):
         """DPO on pair batches from `datamodules.PreferenceDataModule`.
 
@@ -60,8 +67,9 @@ class DPOModule(PolicyModule):
             lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
             dtype: dtype the policy (and a live reference) is loaded in.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
+            generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
         """
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing)
+        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing, generation)
         if objective not in OBJECTIVES:
             raise UserInputError(f"model.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
         if beta <= 0:

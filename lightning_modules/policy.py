@@ -7,13 +7,14 @@ schedule, and logs metric dicts as `stage/name`. Subclasses implement `model_ste
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from lightning_modules.generation import generate_responses
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -42,6 +43,7 @@ class PolicyModule(L.LightningModule):
         lr_scheduler: SchedulerFactory = LinearWarmupDecay,
         dtype: Dtype = "float32",
         gradient_checkpointing: bool = False,
+        generation: dict[str, Any] | None = None,
     ):
         """Shared arguments.
 
@@ -51,6 +53,7 @@ class PolicyModule(L.LightningModule):
             lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
             dtype: dtype the policy weights are loaded in.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
+            generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -58,6 +61,7 @@ class PolicyModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.dtype_name = dtype
         self.gradient_checkpointing = gradient_checkpointing
+        self.generation = dict(generation or {})
         self.policy: PreTrainedModel | None = None
 
     def configure_model(self) -> None:
@@ -97,3 +101,9 @@ class PolicyModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step_and_log(batch, "test")
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
+        """Generate one response per prompt of a `PromptDataModule` batch (greedy unless configured)."""
+        responses = generate_responses(self.policy, self.trainer.datamodule.tokenizer, batch["prompt"],
+                                       **self.generation)
+        return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses)]

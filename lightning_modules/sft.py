@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -37,6 +37,7 @@ class SFTModule(PolicyModule):
         lr_scheduler: SchedulerFactory = LinearWarmupDecay,
         dtype: Dtype = "float32",
         gradient_checkpointing: bool = False,
+        generation: dict[str, Any] | None = None,
     ):
         """SFT on (prompt, response) batches from `datamodules.SFTDataModule`.
 
@@ -47,8 +48,9 @@ class SFTModule(PolicyModule):
             lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
             dtype: dtype the policy weights are loaded in.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
+            generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
         """
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing)
+        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing, generation)
         self.reduction = reduction
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:

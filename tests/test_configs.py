@@ -22,7 +22,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import datamodules.text_data
-from datamodules import PreferenceDataModule, SFTDataModule
+from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lightning_modules.cli import main
 from lightning_modules.policy import PolicyModule
 
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 # Which asset folder feeds each datamodule class (most specific first).
-DATA_FOLDERS: list[tuple[type, str]] = [(PreferenceDataModule, "data/prefs"), (SFTDataModule, "data/sft")]
+DATA_FOLDERS: list[tuple[type, str]] = [(PreferenceDataModule, "data/prefs"), (SFTDataModule, "data/sft"),
+                                        (PromptDataModule, "data/prompts")]
 # Input paths, by key, wherever they appear in the config.
 INPUT_PATHS = {"model_name_or_path": "model", "reference_name_or_path": "model",
                "prompts_path": "data/prompts/test.jsonl"}

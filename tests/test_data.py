@@ -255,7 +255,23 @@ def test_missing_split_names_it_and_lists_present(assets: Path) -> None:
     with pytest.raises(UserInputError, match=r"no split 'dev'.*splits present: \['train', 'validation'\]"):
         dm.setup("fit")
     dm = sft_dm(assets, test_split="test")
+    dm.setup("fit")  # fit reads train + validation only
     with pytest.raises(UserInputError, match=r"no split 'test' \(needed as the test split\)"):
+        dm.setup("test")
+
+
+def test_setup_reads_only_the_splits_of_its_stage(assets: Path) -> None:
+    from datamodules import PromptDataModule
+
+    dm = PromptDataModule(path=str(assets / "data" / "prompts"), tokenizer_name_or_path=str(assets / "model"),
+                          predict_split="test", eval_batch_size=5)
+    dm.setup("predict")  # the prompts folder has no validation split: predict must not need one
+    assert set(dm.data) == {"predict"}
+    test_prompts = [json.loads(line)["prompt"] for line in (assets / "data/prompts/test.jsonl").read_text().splitlines()]
+    batches = list(dm.predict_dataloader())
+    assert [p for b in batches for p in b["prompt"]] == test_prompts
+    assert len(batches[0]["prompt"]) == 5
+    with pytest.raises(UserInputError, match="no split 'validation'"):
         dm.setup("fit")
 
 

@@ -1,0 +1,42 @@
+"""`JSONLPredictionWriter`: write `predict` outputs (prompt, response[, reward]) to a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+class JSONLPredictionWriter(BasePredictionWriter):
+    """Collects every predicted row at the end of `predict` and writes them atomically, one JSON per line."""
+
+    def __init__(self, path: str, reward: RewardFn | None = None):
+        """Output file.
+
+        Args:
+            path: JSONL file to write (rows in prompt order).
+            reward: optional callable (prompts, responses) -> rewards; adds a `reward` field to each row.
+        """
+        super().__init__(write_interval="epoch")
+        self.path = Path(path)
+        self.reward = reward
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any],
+                           batch_indices: Sequence[Any]) -> None:
+        rows = [row for batch in predictions for row in batch]
+        if self.reward is not None:
+            rewards = self.reward([r["prompt"] for r in rows], [r["response"] for r in rows])
+            for row, reward in zip(rows, rewards):
+                row["reward"] = float(reward)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, self.path)
+        print(f"wrote {len(rows)} predictions to {self.path}")
