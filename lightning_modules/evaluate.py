@@ -19,12 +19,14 @@ from lightning_modules.errors import UserInputError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
-# MetricsJSON keys copied into the summary as `{policy}_{short name}`.
+# MetricsJSON keys copied into the summary as `{policy}_{short name}`; the table shows TABLE_METRICS
+# only (`val/loss` means NLL for SFT but the DPO loss for DPO, so it is not one column).
 VAL_METRICS = {
     "val/rewards/accuracies": "val_reward_accuracy",
     "val/rewards/margins": "val_reward_margin",
     "val/loss": "val_loss",
 }
+TABLE_METRICS = ("val_reward_accuracy", "val_reward_margin")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -118,7 +120,8 @@ def evaluate(
         for key, short in VAL_METRICS.items():
             if key in logged:
                 summary[f"{name}_{short}"] = logged[key]
-            row[short.replace("_", " ")] = logged.get(key, "-")
+            if short in TABLE_METRICS:
+                row[short.replace("_", " ")] = logged.get(key, "-")
         table.append(row)
         samples += [{"policy": name, "prompt": p, "response": r, "reward": w}
                     for p, r, w in zip(prompts, responses, rewards)]
