@@ -17,8 +17,7 @@ from torch import Tensor
 from lightning_modules.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.objectives import OBJECTIVES, preference_metrics
-from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
-from lightning_modules.policy import Dtype, PolicyModule, default_optimizer, load_causal_lm
+from lightning_modules.policy import PolicyModule, load_causal_lm
 from lightning_modules.references import LiveReference, NoReference, PrecomputedReference, ReferenceMode
 
 
@@ -46,11 +45,7 @@ class DPOModule(PolicyModule):
         average_logps: bool = False,
         reference: ReferenceMode = "live",
         reference_name_or_path: str | None = None,
-        optimizer: OptimizerFactory = default_optimizer,
-        lr_scheduler: SchedulerFactory = LinearWarmupDecay,
-        dtype: Dtype = "float32",
-        gradient_checkpointing: bool = False,
-        generation: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         """DPO on pair batches from `datamodules.PreferenceDataModule`.
 
@@ -62,14 +57,10 @@ class DPOModule(PolicyModule):
             sft_weight: weight of an added per-token NLL term on the chosen response (0 = off).
             average_logps: length-normalize sequence log-probs (use with ipo, as TRL does).
             reference: live (frozen model), precomputed (batch columns) or none (reference-free, Δref = 0).
-            reference_name_or_path: model of a live reference; default = a frozen copy of the initial policy.
-            optimizer: optimizer factory called with the policy's parameters (class_path + init_args).
-            lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
-            dtype: dtype the policy (and a live reference) is loaded in.
-            gradient_checkpointing: recompute activations in the backward pass to save memory.
-            generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
+            reference_name_or_path: live reference model (policy's dtype); default: frozen copy of the initial policy.
+            **kwargs: optimizer, lr_scheduler, dtype, gradient_checkpointing, generation (see `PolicyModule`).
         """
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing, generation)
+        super().__init__(model_name_or_path, **kwargs)
         if objective not in OBJECTIVES:
             raise UserInputError(f"model.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
         if beta <= 0:

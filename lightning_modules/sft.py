@@ -7,8 +7,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from lightning_modules.logprobs import sequence_logps
-from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
-from lightning_modules.policy import Dtype, PolicyModule, default_optimizer
+from lightning_modules.policy import PolicyModule
 
 Reduction = Literal["token_mean", "sequence_mean", "sum"]
 
@@ -29,28 +28,15 @@ def sft_loss(logps: Tensor, counts: Tensor, reduction: Reduction) -> Tensor:
 class SFTModule(PolicyModule):
     """Train the policy to imitate the responses of an SFT dataset (prompt tokens are not trained on)."""
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        reduction: Reduction = "token_mean",
-        optimizer: OptimizerFactory = default_optimizer,
-        lr_scheduler: SchedulerFactory = LinearWarmupDecay,
-        dtype: Dtype = "float32",
-        gradient_checkpointing: bool = False,
-        generation: dict[str, Any] | None = None,
-    ):
+    def __init__(self, model_name_or_path: str, reduction: Reduction = "token_mean", **kwargs: Any):
         """SFT on (prompt, response) batches from `datamodules.SFTDataModule`.
 
         Args:
             model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
             reduction: how token NLLs become the loss: token_mean, sequence_mean or sum.
-            optimizer: optimizer factory called with the policy's parameters (class_path + init_args).
-            lr_scheduler: schedule factory called with (optimizer, total_steps); stepped every optimizer step.
-            dtype: dtype the policy weights are loaded in.
-            gradient_checkpointing: recompute activations in the backward pass to save memory.
-            generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
+            **kwargs: optimizer, lr_scheduler, dtype, gradient_checkpointing, generation (see `PolicyModule`).
         """
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, gradient_checkpointing, generation)
+        super().__init__(model_name_or_path, **kwargs)
         self.reduction = reduction
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
