@@ -7,12 +7,13 @@ Subclasses define how one row becomes token ids (`encode_row`) and the collator.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from datasets import Dataset, DatasetDict, load_dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.errors import UserInputError
@@ -62,6 +63,7 @@ class TextDataModule(L.LightningDataModule):
         val_split: str | None = "validation",
         test_split: str | None = None,
         num_workers: int = 0,
+        shuffle: bool = True,
     ):
         """Shared data arguments.
 
@@ -75,6 +77,7 @@ class TextDataModule(L.LightningDataModule):
             val_split: name of the validation split (None = no validation).
             test_split: name of the test split (None = no test).
             num_workers: DataLoader worker processes.
+            shuffle: reshuffle the training split every epoch (seeded by seed_everything; DDP shards per rank).
         """
         super().__init__()
         self.path = path
@@ -84,6 +87,7 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.tokenizer = None
         self.data: dict[str, list[dict[str, Any]]] = {}
         self.truncated: dict[str, int] = {}
@@ -112,12 +116,19 @@ class TextDataModule(L.LightningDataModule):
             self.truncated[role] = 0
             self.data[role] = [self.encode_row(row, role) for row in raw[split]]
 
-    def _loader(self, role: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.data[role], batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=self.collator(), num_workers=self.num_workers)
+    def _loader(self, role: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(self.data[role], batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+                          sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        # Under DDP Lightning would install a DistributedSampler that always shuffles the training split;
+        # ours honours `shuffle` (same seed convention as Lightning's: PL_GLOBAL_SEED).
+        sharding = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        if sharding:
+            sampler = DistributedSampler(self.data["train"], shuffle=self.shuffle,
+                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), **sharding)
+            return self._loader("train", self.batch_size, shuffle=False, sampler=sampler)
+        return self._loader("train", self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size, shuffle=False) if "val" in self.data else []
