@@ -6,14 +6,10 @@ and a few prompt → response samples as TensorBoard text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import lightning as L
 from datasets import load_dataset
 
-from lightning_modules.generation import generate_responses
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+from lightning_modules.generation import RewardFn, generate_responses
 
 
 def load_prompts(path: str, limit: int | None = None, field: str = "prompt") -> list:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
+
+from lightning_modules.files import write_text_atomic
 
 
 class MetricsJSON(L.Callback):
@@ -25,10 +26,7 @@ class MetricsJSON(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["step"] = trainer.global_step
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(metrics, indent=2, sort_keys=True))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer)

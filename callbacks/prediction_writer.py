@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+from lightning_modules.files import write_jsonl_atomic
+from lightning_modules.generation import RewardFn
 
 
 class JSONLPredictionWriter(BasePredictionWriter):
@@ -35,8 +34,5 @@ class JSONLPredictionWriter(BasePredictionWriter):
             rewards = self.reward([r["prompt"] for r in rows], [r["response"] for r in rows])
             for row, reward in zip(rows, rewards):
                 row["reward"] = float(reward)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, self.path)
+        write_jsonl_atomic(self.path, rows)
         print(f"wrote {len(rows)} predictions to {self.path}")

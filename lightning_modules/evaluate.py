@@ -12,12 +12,12 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_modules.errors import UserInputError
+from lightning_modules.files import write_jsonl_atomic, write_text_atomic
+from lightning_modules.generation import RewardFn, generate_responses
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 # MetricsJSON keys copied into the summary as `{policy}_{short name}`; the table shows TABLE_METRICS
 # only (`val/loss` means NLL for SFT but the DPO loss for DPO, so it is not one column).
@@ -27,12 +27,6 @@ VAL_METRICS = {
     "val/loss": "val_loss",
 }
 TABLE_METRICS = ("val_reward_accuracy", "val_reward_margin")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
@@ -92,7 +86,6 @@ def evaluate(
 
     from callbacks.generation_reward import load_prompts
     from datamodules.tokenize import load_tokenizer
-    from lightning_modules.generation import generate_responses
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -128,9 +121,9 @@ def evaluate(
     summary["eval_seconds"] = round(time.perf_counter() - start, 1)
 
     md = markdown_table(table)
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _write_atomic(out / "summary.md", md + "\n")
-    _write_atomic(out / "generations.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.md", md + "\n")
+    write_jsonl_atomic(out / "generations.jsonl", samples)
     plot_distributions(results, out / "rewards.png", title)
     print(md)
     print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'rewards.png'}, {out / 'generations.jsonl'}")

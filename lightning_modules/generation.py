@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.tokenize import render_prompt
+
+# A reward program or model: (prompts, responses) -> one float per response.
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
 @torch.no_grad()

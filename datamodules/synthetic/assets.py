@@ -34,6 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from datamodules.synthetic.task import FILLER, SyntheticTask, all_prompts
+from lightning_modules.files import default_file_mode, write_jsonl_atomic, write_text_atomic
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
 # Zephyr-style: "<|role|>\n{content}" then "</s>\n" after assistant turns, "\n" after the others.
@@ -131,33 +132,8 @@ def build_tiny_model(
     return model.eval()
 
 
-def _umask_mode() -> int:
-    """The permission bits a plain ``open(path, "w")`` would give (``mkstemp`` gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _save_model_dir(model_dir: Path, tokenizer: PreTrainedTokenizerFast, model: LlamaForCausalLM) -> None:
@@ -172,7 +148,7 @@ def _save_model_dir(model_dir: Path, tokenizer: PreTrainedTokenizerFast, model: 
             if stale.name not in new_files:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         for name in sorted(new_files):
-            os.chmod(tmp / name, _umask_mode())
+            os.chmod(tmp / name, default_file_mode())
             os.replace(tmp / name, model_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,11 +214,11 @@ def build_assets(
         "data/prompts/test.jsonl": task.prompt_rows("test"),
     }
     for rel, rows in data.items():
-        _write_jsonl(out / rel, rows)
+        write_jsonl_atomic(out / rel, rows)
         print(f"[synthetic] {rel}: {len(rows)} rows")
 
     files = sorted([f"model/{p.name}" for p in (out / "model").iterdir() if p.is_file()] + list(data))
     manifest = {"params": params, "n_params": n_params, "files": {rel: _sha256(out / rel) for rel in files}}
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     print(f"[synthetic] manifest: {len(files)} files checksummed -> {out / 'manifest.json'}")
     return out
