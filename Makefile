@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean-demo tensorboard
+.PHONY: demo test test-fast install clean-demo tensorboard padding-bench
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 	$(PY) -m lightning_modules fit --config configs/quickstart/sft.yaml
 	$(PY) -m lightning_modules fit --config configs/quickstart/dpo.yaml
 	$(PY) -m lightning_modules.evaluate --config configs/quickstart/evaluate.yaml
+
+# Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
+padding-bench: $(STAMP)
+	$(PY) -m datamodules.padding_benchmark --out runs/padding-bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -45,8 +45,9 @@ class GenerationReward(L.Callback):
             return
         if self._prompts is None:
             self._prompts = load_prompts(self.prompts_path, self.num_prompts)
-        tokenizer = trainer.datamodule.tokenizer
-        responses = generate_responses(pl_module.policy, tokenizer, self._prompts, max_new_tokens=self.max_new_tokens)
+        data = trainer.datamodule
+        responses = generate_responses(pl_module.policy, data.tokenizer, self._prompts, max_new_tokens=self.max_new_tokens,
+                                       template=data.template, insert_eos=data.insert_eos)
         rewards = list(self.reward(self._prompts, responses))
         lengths = [len(r.split()) for r in responses]
         pl_module.log("val/generation/reward", sum(rewards) / len(rewards), sync_dist=True)

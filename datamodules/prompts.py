@@ -1,16 +1,20 @@
-"""`PromptDataModule`: prompt-only rows for generation (`predict`) and, later, on-policy sampling.
+"""`PromptDataModule`: prompt-only rows for generation (`predict`) and on-policy sampling.
 
-Batches are {"prompt": list of raw prompts (strings or message lists)}; the module renders them
-with the tokenizer's chat template when it generates.
+Reads a file of prompts, or the prompts of any preference dataset (schema detected as for
+`PreferenceDataModule`). Batches are {"prompt": list of message lists}; generation renders them
+with the data module's template.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from datamodules.schemas import REQUIRED_COLUMNS, detect_schema, normalize_prompt
 from datamodules.text_data import TextDataModule
+from datamodules.tokenize import encode_prompt
 
 
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:
@@ -19,9 +23,7 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:
 
 
 class PromptDataModule(TextDataModule):
-    """Rows with a `prompt` column (string or message list); serves the `predict` split."""
-
-    required_columns = ["prompt"]
+    """Prompts of a prompt file or of a preference dataset; serves the `predict` split."""
 
     def __init__(self, *args: Any, predict_split: str = "test", **kwargs: Any):
         """Prompt data.
@@ -32,8 +34,25 @@ class PromptDataModule(TextDataModule):
         super().__init__(*args, **kwargs)
         self.splits["predict"] = predict_split
 
-    def encode_row(self, row: dict[str, Any], role: str) -> dict[str, Any]:
-        return {"prompt": row["prompt"]}
+    def detect_schema(self, dataset: Dataset) -> str:
+        return detect_schema(dataset.column_names, dataset[0] if len(dataset) else {})
+
+    def required_columns(self, schema: str) -> list[str]:
+        return REQUIRED_COLUMNS[schema]
+
+    def normalize(self, row: dict[str, Any], schema: str) -> dict[str, Any] | str:
+        return normalize_prompt(row, schema)
+
+    def encode(self, example: dict[str, Any]) -> dict[str, Any] | str:
+        """Prompts longer than max_length are dropped (overlength='drop') or kept for generation to truncate."""
+        length = len(encode_prompt(self.tokenizer, example["prompt"], self.template, self.insert_eos))
+        too_long = length > self.max_length
+        if too_long and self.overlength == "drop":
+            return "too_long"
+        return {"prompt": example["prompt"], "prompt_length": length, "truncated": too_long}
+
+    def sequence_length(self, item: dict[str, Any]) -> int:
+        return item["prompt_length"]
 
     def collator(self):
         return collate_prompts

@@ -1,134 +1,189 @@
-"""`TextDataModule`: load a dataset through HF `datasets`, tokenize each split, serve batches.
+"""`TextDataModule`: load a dataset, normalize its schema, tokenize with a template, serve batches.
 
-`path` is a hub id, a local folder laid out like a hub dataset repo (`train.jsonl`,
-`validation.jsonl`, ...), or a single JSONL / Parquet file: all go through `datasets.load_dataset`.
-Subclasses define how one row becomes token ids (`encode_row`) and the collator.
+Per row: `normalize` (schema → canonical row, or a bad-row reason) → `encode` (template +
+tokenizer + length policy → token ids, or `too_long`) → kept, or counted under its reason in
+`self.stats[role]`. Nothing is dropped silently: `describe` prints the counts, and a split whose
+share of bad rows exceeds `max_bad_fraction` stops with an error listing them.
+Subclasses (`SFTDataModule`, `PreferenceDataModule`, `PromptDataModule`) define the row kind.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import lightning as L
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from datamodules.loading import load_splits, require_columns
+from datamodules.samplers import DistributedLengthGroupedSampler, LengthGroupedSampler
+from datamodules.schemas import RowStats
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.errors import UserInputError
 
 # Which splits each Lightning stage reads.
 STAGE_ROLES = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def load_splits(path: str) -> DatasetDict:
-    """Load every split of `path` (hub id, dataset folder, or a single file → split `train`)."""
-    local = Path(path)
-    if local.is_file():
-        builder = FILE_BUILDERS.get(local.suffix)
-        if builder is None:
-            raise UserInputError(f"data.path={path!r}: unsupported file type {local.suffix!r}; use {sorted(FILE_BUILDERS)}")
-        return load_dataset(builder, data_files={"train": str(local)})
-    if path.startswith((".", "/")) and not local.exists():
-        raise UserInputError(f"data.path={path!r} does not exist (build the synthetic assets first?)")
-    try:
-        return load_dataset(path)
-    except FileNotFoundError as error:  # a relative folder that is missing, or an unknown hub dataset
-        raise UserInputError(f"data.path={path!r} is neither an existing folder or file nor a hub dataset "
-                             f"(build the synthetic assets first?): {error}") from error
-
-
-def require_columns(dataset: Dataset, columns: list[str], where: str) -> None:
-    """Fail at once, naming the missing columns and listing those present."""
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise UserInputError(f"{where}: missing required column(s) {missing}; columns present: {dataset.column_names}")
+# Reasons a row is dropped by policy rather than for being malformed (not counted as "bad").
+POLICY_DROPS = ("too_long",)
+Overlength = Literal["truncate", "drop"]
 
 
 class TextDataModule(L.LightningDataModule):
-    """Shared loading, tokenization and loaders; see `SFTDataModule` and `PreferenceDataModule`."""
-
-    required_columns: list[str] = []
+    """Shared loading, normalization, tokenization, bookkeeping and loaders."""
 
     def __init__(
         self,
         path: str,
         tokenizer_name_or_path: str,
+        name: str | None = None,
+        schema: str = "auto",
+        template: str = "auto",
+        insert_eos: bool = False,
         max_length: int = 512,
+        overlength: Overlength = "truncate",
+        max_bad_fraction: float = 0.05,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         train_split: str | None = "train",
         val_split: str | None = "validation",
         test_split: str | None = None,
-        num_workers: int = 0,
+        group_by_length: bool = False,
         shuffle: bool = True,
+        num_workers: int = 0,
     ):
         """Shared data arguments.
 
         Args:
-            path: hub dataset id, local dataset folder, or a .jsonl / .parquet file.
+            path: hub dataset id, local folder laid out like a hub repo, or a .jsonl / .parquet file.
             tokenizer_name_or_path: tokenizer to encode with (linked to model.model_name_or_path by the CLI).
-            max_length: maximum prompt + response tokens; longer rows are truncated (response first).
+            name: dataset config name for multi-config datasets (e.g. RefDPO's mistral, tulu2, llama3).
+            schema: row layout: auto (detected from the columns) or a name in datamodules.schemas.SCHEMAS.
+            template: prompt format: auto, tokenizer (its chat template), zephyr, alpacafarm or plain.
+            insert_eos: zephyr template only: also end system and user turns with EOS (RefDPO option).
+            max_length: maximum prompt + response tokens per sequence.
+            overlength: longer rows are truncated (response first, the prompt keeps its end) or dropped.
+            max_bad_fraction: stop with an error if more than this share of a split's rows is malformed.
             batch_size: training batch size per device.
-            eval_batch_size: validation / test batch size per device (default: batch_size).
+            eval_batch_size: validation / test / predict batch size per device (default: batch_size).
             train_split: name of the training split (None = no training).
             val_split: name of the validation split (None = no validation).
             test_split: name of the test split (None = no test).
-            num_workers: DataLoader worker processes.
+            group_by_length: batch training rows of similar length together (less padding; still shuffled).
             shuffle: reshuffle the training split every epoch (seeded by seed_everything; DDP shards per rank).
+            num_workers: DataLoader worker processes.
         """
         super().__init__()
-        self.path = path
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise UserInputError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.path, self.name, self.schema = path, name, schema
         self.tokenizer_name_or_path = tokenizer_name_or_path
-        self.max_length = max_length
+        self.template, self.insert_eos = template, insert_eos
+        self.max_length, self.overlength = max_length, overlength
+        self.max_bad_fraction = max_bad_fraction
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.num_workers = num_workers
-        self.shuffle = shuffle
+        self.splits: dict[str, str | None] = {"train": train_split, "val": val_split, "test": test_split}
+        self.group_by_length, self.shuffle, self.num_workers = group_by_length, shuffle, num_workers
         self.tokenizer = None
         self.data: dict[str, list[dict[str, Any]]] = {}
-        self.truncated: dict[str, int] = {}
+        self.stats: dict[str, RowStats] = {}
 
-    def encode_row(self, row: dict[str, Any], role: str) -> dict[str, Any]:
-        """Turn one raw row into token-id lists (and float columns) for the collator."""
+    # ---- what a subclass defines -----------------------------------------------------------------
+    def detect_schema(self, dataset: Dataset) -> str:
+        """The schema name of `dataset` (when `schema='auto'`)."""
+        raise NotImplementedError
+
+    def required_columns(self, schema: str) -> list[str]:
+        raise NotImplementedError
+
+    def normalize(self, row: dict[str, Any], schema: str) -> dict[str, Any] | str:
+        """Raw row → canonical row, or the reason it is bad."""
+        raise NotImplementedError
+
+    def encode(self, example: dict[str, Any]) -> dict[str, Any] | str:
+        """Canonical row → token ids for the collator, or `too_long` (when overlength='drop')."""
         raise NotImplementedError
 
     def collator(self):
         raise NotImplementedError
 
+    def sequence_length(self, item: dict[str, Any]) -> int:
+        """Padded length this item needs (for length grouping)."""
+        return max(len(v) for k, v in item.items() if k.endswith("input_ids"))
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def role_dataset(self, raw: DatasetDict, role: str) -> Dataset:
+        """The rows of `role` (train / val / test / predict): by default the split named for it."""
+        split = self.splits[role]
+        if split not in raw:
+            raise UserInputError(f"data.path={self.path!r} has no split {split!r} (needed as the {role} split); "
+                                 f"splits present: {sorted(raw)}")
+        return raw[split]
+
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize the splits `stage` needs (all configured ones when stage is None); each only once."""
+        """Prepare the splits `stage` needs (all configured ones when stage is None); each only once."""
         roles = [r for r in STAGE_ROLES.get(stage, list(self.splits)) if self.splits.get(r) and r not in self.data]
         if not roles:
             return
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
-        raw = load_splits(self.path)
+        raw = load_splits(self.path, self.name)
         for role in roles:
-            split = self.splits[role]
-            if split not in raw:
-                raise UserInputError(f"data.path={self.path!r} has no split {split!r} (needed as the {role} split); "
-                                     f"splits present: {sorted(raw)}")
-            require_columns(raw[split], self.required_columns, f"data.path={self.path!r} split {split!r}")
-            self.truncated[role] = 0
-            self.data[role] = [self.encode_row(row, role) for row in raw[split]]
+            dataset = self.role_dataset(raw, role)
+            try:
+                schema = self.schema if self.schema != "auto" else self.detect_schema(dataset)
+            except UserInputError as error:
+                raise UserInputError(f"data.path={self.path!r} ({role} split): {error}") from error
+            require_columns(dataset, self.required_columns(schema), f"data.path={self.path!r} ({role} split)")
+            self.data[role], self.stats[role] = self.prepare(dataset, schema, role)
 
+    def prepare(self, rows: Iterable[dict[str, Any]], schema: str, role: str) -> tuple[list[dict], RowStats]:
+        """Normalize and encode every row, counting each drop by reason; enforce `max_bad_fraction`."""
+        items, stats = [], RowStats()
+        for row in rows:
+            example = self.normalize(row, schema)
+            item = self.encode(example) if isinstance(example, dict) else example
+            stats.add(item if isinstance(item, str) else None)
+            if isinstance(item, dict):
+                item.setdefault("truncated", False)
+                stats.truncated += item.pop("truncated")
+                items.append(item)
+        bad = {reason: n for reason, n in stats.as_dict()["dropped"].items() if reason not in POLICY_DROPS}
+        total = stats.kept + stats.dropped
+        if total and sum(bad.values()) / total > self.max_bad_fraction:
+            raise UserInputError(
+                f"data.path={self.path!r} ({role} split, schema {schema!r}): {sum(bad.values())} of {total} rows are "
+                f"malformed ({bad}), more than data.max_bad_fraction={self.max_bad_fraction}. Check data.schema, "
+                f"or raise max_bad_fraction to skip them."
+            )
+        if not items:
+            raise UserInputError(f"data.path={self.path!r} ({role} split): no usable rows ({stats.as_dict()})")
+        return items, stats
+
+    # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, role: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(self.data[role], batch_size=batch_size, shuffle=shuffle if sampler is None else None,
                           sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        # Under DDP Lightning would install a DistributedSampler that always shuffles the training split;
-        # ours honours `shuffle` (same seed convention as Lightning's: PL_GLOBAL_SEED).
+    def train_sampler(self) -> Sampler | None:
+        """Our own sampler when length-grouping or under DDP (Lightning's DDP sampler always shuffles)."""
         sharding = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        data = self.data["train"]
+        if self.group_by_length:
+            lengths = [self.sequence_length(item) for item in data]
+            if sharding:
+                return DistributedLengthGroupedSampler(data, lengths, self.batch_size, shuffle=self.shuffle,
+                                                       seed=seed, **sharding)
+            return LengthGroupedSampler(lengths, self.batch_size, shuffle=self.shuffle, seed=seed)
         if sharding:
-            sampler = DistributedSampler(self.data["train"], shuffle=self.shuffle,
-                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), **sharding)
-            return self._loader("train", self.batch_size, shuffle=False, sampler=sampler)
-        return self._loader("train", self.batch_size, shuffle=self.shuffle)
+            return DistributedSampler(data, shuffle=self.shuffle, seed=seed, **sharding)
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=self.shuffle, sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size, shuffle=False) if "val" in self.data else []

@@ -1,9 +1,8 @@
-"""Prompt rendering and (prompt, response) tokenization with prompt tokens masked out of the loss.
+"""Prompt + response tokenization with prompt tokens masked out of the loss.
 
 Truncation policy (when prompt + response exceed `max_length`): the response is cut first (its end
 is dropped, keeping at least `min_response_tokens`), then the prompt keeps its *end* (the most
-recent turns and the generation prompt survive). `encode_response` reports what it did so callers
-can count truncated rows.
+recent turns and the generation prompt survive). `encode_response` reports whether it truncated.
 """
 
 from __future__ import annotations
@@ -12,19 +11,28 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from datamodules.templates import render_prompt as render_template
+from datamodules.templates import response_eos
+
 IGNORE_INDEX = -100
+Prompt = str | list[dict[str, str]]
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> str:
-    """Turn a raw prompt (a string or a list of {role, content} messages) into model text.
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt given as a plain string is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
-    Uses the tokenizer's own chat template with the generation prompt when it has one; otherwise
-    the prompt string is used as is.
-    """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages)
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, template: str = "auto",
+                  insert_eos: bool = False) -> str:
+    """The text before the response: the prompt in `template` (see `datamodules.templates`)."""
+    return render_template(as_messages(prompt), template=template, tokenizer=tokenizer, insert_eos=insert_eos)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, template: str = "auto",
+                  insert_eos: bool = False) -> list[int]:
+    """Render and tokenize a prompt (special tokens as the tokenizer adds them, e.g. BOS)."""
+    return tokenizer(render_prompt(tokenizer, prompt, template, insert_eos), add_special_tokens=True)["input_ids"]
 
 
 @dataclass
@@ -36,6 +44,16 @@ class Encoded:
     truncated: bool
 
 
+def end_of_response_ids(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> list[int]:
+    """Token ids that close a response under `template` (usually just EOS)."""
+    marker = response_eos(template, tokenizer)
+    if marker is None:
+        return []
+    if marker == tokenizer.eos_token and tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    return tokenizer(marker, add_special_tokens=False)["input_ids"]
+
+
 def encode_response(
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
@@ -43,11 +61,12 @@ def encode_response(
     max_length: int,
     *,
     min_response_tokens: int = 1,
+    end_ids: list[int] | None = None,
 ) -> Encoded:
-    """Append the response (plus EOS) to already-encoded prompt ids and apply the truncation policy."""
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
+    """Append the response (plus `end_ids`, default EOS) to encoded prompt ids; apply the truncation policy."""
+    if end_ids is None:
+        end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + end_ids
     truncated = len(prompt_ids) + len(response_ids) > max_length
     if truncated:
         keep_response = max(min_response_tokens, max_length - len(prompt_ids))
@@ -58,11 +77,6 @@ def encode_response(
         labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
         truncated=truncated,
     )
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Render and tokenize a prompt (special tokens as the tokenizer adds them, e.g. BOS)."""
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=True)["input_ids"]
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

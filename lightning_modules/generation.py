@@ -24,10 +24,13 @@ def generate_responses(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    template: str = "auto",
+    insert_eos: bool = False,
 ) -> list[str]:
     """Generate one response per prompt (greedy by default) with the KV cache; returns decoded text.
 
-    Prompts are left-padded so every row's generation starts right after its own prompt.
+    Prompts (strings or message lists) are rendered with `template` (as the training data was) and
+    left-padded so every row's generation starts right after its own prompt.
     """
     was_training = model.training
     model.eval()
@@ -36,7 +39,7 @@ def generate_responses(
     responses: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            texts = [render_prompt(tokenizer, p, template, insert_eos) for p in prompts[start : start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
             sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
             out = model.generate(

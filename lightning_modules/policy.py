@@ -104,6 +104,7 @@ class PolicyModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         """Generate one response per prompt of a `PromptDataModule` batch (greedy unless configured)."""
-        responses = generate_responses(self.policy, self.trainer.datamodule.tokenizer, batch["prompt"],
-                                       **self.generation)
+        data = self.trainer.datamodule
+        responses = generate_responses(self.policy, data.tokenizer, batch["prompt"], template=data.template,
+                                       insert_eos=data.insert_eos, **self.generation)
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses)]

@@ -135,7 +135,7 @@ def test_init_descriptions_follows_kwargs():
 
     inherited = init_descriptions(PreferenceDataModule)
     own = set(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
-    assert set(inherited) == own | {"reference_columns"}
+    assert set(inherited) == own | {"reference_columns", "study_split"}
     assert inherited["max_length"] == init_descriptions(TextDataModule)["max_length"]
 
 

@@ -84,6 +84,10 @@ def is_training_config(config: dict[str, Any]) -> bool:
     return {"model", "data"} <= config.keys()
 
 
+def is_data_config(config: dict[str, Any]) -> bool:
+    return config.keys() == {"data"}
+
+
 def is_evaluation_config(config: dict[str, Any]) -> bool:
     return {"policies", "prompts_path", "reward"} <= config.keys()
 
@@ -131,6 +135,8 @@ def test_config_instantiates(path, assets, tmp_path, no_loading):
     config = yaml.safe_load(path.read_text())
     if is_training_config(config):
         check_training_config(config, path, assets, tmp_path)
+    elif is_data_config(config):
+        check_data_config(config, path)
     elif is_evaluation_config(config):
         check_evaluation_config(config, path)
     else:
@@ -164,6 +170,32 @@ def check_training_config(config: dict[str, Any], path: Path, assets: Path, tmp_
         for attr in ("dirpath", "path"):
             if getattr(callback, attr, None) is not None:
                 assert under(getattr(callback, attr), tmp_path), (type(callback).__name__, attr)
+
+
+def check_data_config(config: dict[str, Any], path: Path) -> None:
+    """`configs/data/*.yaml` build through `datamodules describe`'s parser: right class, values, nothing loaded."""
+    from datamodules.describe import build_datamodule
+    from datamodules.multiref_split import StudySplit
+
+    dm = build_datamodule(str(path), [], tokenizer="some-org/some-tokenizer")
+    assert type(dm) is import_class(config["data"]["class_path"])
+    assert dm.tokenizer is None and not dm.data
+    for key, value in config["data"]["init_args"].items():
+        if key == "study_split":
+            assert isinstance(dm.study_split, StudySplit) and dm.study_split.tokenizers == tuple(value["tokenizers"])
+        elif key.endswith("_split"):
+            assert dm.splits[key.removesuffix("_split")] == value or dm.study_split is not None, key
+        else:
+            assert getattr(dm, key) == value, key
+
+
+def test_data_config_composes_onto_an_experiment(assets, tmp_path, no_loading):
+    """`--config experiment.yaml --config configs/data/X.yaml`: the data section is swapped, the rest kept."""
+    experiment = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    cli = main(["--config", str(experiment), "--config", str(REPO / "configs/data/refdpo_tulu2.yaml")], run=False)
+    dm = cli.datamodule
+    assert (dm.path, dm.name, dm.schema, dm.template, dm.max_length) == ("yale-nlp/RefDPO", "tulu2", "refdpo", "zephyr", 2048)
+    assert dm.tokenizer_name_or_path == cli.model.model_name_or_path == str(assets / "model")
 
 
 def check_evaluation_config(config: dict[str, Any], path: Path) -> None:

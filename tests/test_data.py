@@ -66,11 +66,13 @@ def test_render_prompt_uses_chat_template(tok) -> None:
     assert render_prompt(tok, messages) == "<|system|>\nbe brief\n<|user|>\ncount 1 to 3\n<|assistant|>\n"
 
 
-def test_render_prompt_without_template_joins_contents(assets: Path) -> None:
+def test_render_prompt_without_chat_template_falls_back_to_zephyr(assets: Path) -> None:
     plain = load_tokenizer(str(assets / "model"))
     plain.chat_template = None
-    assert render_prompt(plain, "count 1 to 3") == "count 1 to 3"
-    assert render_prompt(plain, [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) == "a\nb"
+    assert render_prompt(plain, "count 1 to 3") == "<|user|>\ncount 1 to 3\n<|assistant|>\n"  # auto -> zephyr
+    two_turns = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
+    assert render_prompt(plain, two_turns, template="zephyr", insert_eos=True) == "<|system|>\na</s>\n<|user|>\nb</s>\n<|assistant|>\n"
+    assert render_prompt(plain, two_turns, template="plain") == "a\n\nb\n"
 
 
 def test_encode_prompt_tokenizes_the_rendering(tok) -> None:
@@ -188,7 +190,7 @@ def test_sft_datamodule_rows_and_batches(assets: Path, tok) -> None:
     train = read_jsonl(assets / "data" / "sft" / "train.jsonl")
     assert len(dm.data["train"]) == len(train) == 256
     assert len(dm.data["val"]) == len(read_jsonl(assets / "data" / "sft" / "validation.jsonl")) == 64
-    assert dm.truncated == {"train": 0, "val": 0}
+    assert {role: stats.truncated for role, stats in dm.stats.items()} == {"train": 0, "val": 0}
     for raw, row in zip(train[:5], dm.data["train"][:5]):  # file order is kept
         p, r = expected_ids(tok, raw["prompt"], raw["response"])
         assert row["input_ids"] == p + r
@@ -230,14 +232,13 @@ def test_truncated_counts_with_small_max_length(assets: Path, tok) -> None:
     dm.setup("fit")
     expected = {}
     for role, split in (("train", "train"), ("val", "validation")):
-        n = 0
+        n = 0  # pairs with at least one side cut
         for raw in read_jsonl(assets / "data" / "prefs" / f"{split}.jsonl"):
-            for side in ("chosen", "rejected"):
-                p, r = expected_ids(tok, raw["prompt"], raw[side])
-                n += len(p) + len(r) > max_length
+            lengths = [sum(map(len, expected_ids(tok, raw["prompt"], raw[side]))) for side in ("chosen", "rejected")]
+            n += max(lengths) > max_length
         expected[role] = n
-    assert dm.truncated == expected
-    assert 0 < expected["train"] < 2 * 256  # some but not all responses are cut
+    assert {role: stats.truncated for role, stats in dm.stats.items()} == expected
+    assert 0 < expected["train"] < 256  # some but not all pairs are cut
     for row in dm.data["train"]:
         for side in ("chosen", "rejected"):
             assert len(row[f"{side}_input_ids"]) <= max_length
@@ -247,7 +248,7 @@ def test_truncated_counts_with_small_max_length(assets: Path, tok) -> None:
     sft.setup("fit")
     want = sum(len(p) + len(r) > max_length for p, r in (
         expected_ids(tok, raw["prompt"], raw["response"]) for raw in read_jsonl(assets / "data" / "sft" / "train.jsonl")))
-    assert sft.truncated["train"] == want > 0
+    assert sft.stats["train"].truncated == want > 0
 
 
 def test_missing_split_names_it_and_lists_present(assets: Path) -> None:
@@ -269,7 +270,7 @@ def test_setup_reads_only_the_splits_of_its_stage(assets: Path) -> None:
     assert set(dm.data) == {"predict"}
     test_prompts = [json.loads(line)["prompt"] for line in (assets / "data/prompts/test.jsonl").read_text().splitlines()]
     batches = list(dm.predict_dataloader())
-    assert [p for b in batches for p in b["prompt"]] == test_prompts
+    assert [p for b in batches for p in b["prompt"]] == [[{"role": "user", "content": p}] for p in test_prompts]
     assert len(batches[0]["prompt"]) == 5
     with pytest.raises(UserInputError, match="no split 'validation'"):
         dm.setup("fit")
@@ -281,8 +282,8 @@ def test_missing_column_names_it_and_lists_present(tmp_path: Path, assets: Path)
     with pytest.raises(UserInputError) as err:
         dm.setup("fit")
     message = str(err.value)
-    assert "missing required column(s) ['rejected']" in message
-    assert "columns present: ['prompt', 'chosen']" in message
+    assert "lack ['rejected']" in message
+    assert "['prompt', 'chosen']" in message
     assert str(path) in message
 
 
@@ -338,3 +339,25 @@ def test_missing_reference_column_is_reported(tmp_path: Path, assets: Path) -> N
     dm = pref_dm(path, assets, val_split=None, reference_columns=("rc", "rr"))
     with pytest.raises(UserInputError, match=r"missing required column\(s\) \['rr'\]"):
         dm.setup("fit")
+
+
+def test_overlength_drop_counts_too_long_and_keeps_the_rest(assets: Path, tok) -> None:
+    max_length = 16
+    dm = pref_dm(assets / "data" / "prefs", assets, max_length=max_length, overlength="drop")
+    dm.setup("fit")
+    raws = read_jsonl(assets / "data" / "prefs" / "train.jsonl")
+    too_long = sum(max(sum(map(len, expected_ids(tok, r["prompt"], r[s]))) for s in ("chosen", "rejected")) > max_length
+                   for r in raws)
+    stats = dm.stats["train"].as_dict()
+    assert stats["dropped"] == {"too_long": too_long} and stats["kept"] == len(raws) - too_long
+    assert stats["truncated"] == 0 and len(dm.data["train"]) == len(raws) - too_long
+
+
+def test_max_bad_fraction_stops_with_counts(tmp_path: Path, assets: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 8 + [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 2
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(UserInputError, match=r"2 of 10 rows are malformed \(\{'identical_responses': 2\}\)"):
+        pref_dm(path, assets, val_split=None, max_bad_fraction=0.1).setup("fit")
+    dm = pref_dm(path, assets, val_split=None, max_bad_fraction=0.2)  # 20% is allowed: skipped and counted
+    dm.setup("fit")
+    assert dm.stats["train"].as_dict()["dropped"] == {"identical_responses": 2} and len(dm.data["train"]) == 8

@@ -38,7 +38,7 @@ def test_predict_writes_greedy_generations_with_rewards(assets: Path, tmp_path: 
     rows = [json.loads(line) for line in (tmp_path / "runs/demo/predictions.jsonl").read_text().splitlines()]
 
     prompts = [json.loads(line)["prompt"] for line in (assets / "data/prompts/test.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": p}] for p in prompts]
     # the same greedy generations as calling the helper directly on the same weights
     from transformers import AutoModelForCausalLM
 

@@ -245,11 +245,15 @@ class SyntheticReward:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant, self.max_words = variant, max_words
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Rewards in [0, 1], one per ``(prompt, response)`` pair; prompts are raw instructions."""
+    def __call__(self, prompts: list, responses: list[str]) -> list[float]:
+        """Rewards in [0, 1], one per ``(prompt, response)`` pair.
+
+        A prompt is the raw instruction, or a message list whose last (user) turn is the instruction.
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        return [task_reward(p, r, self.variant, self.max_words) for p, r in zip(prompts, responses)]
+        instructions = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        return [task_reward(p, r, self.variant, self.max_words) for p, r in zip(instructions, responses)]
 
     def __repr__(self) -> str:
         return f"SyntheticReward(variant={self.variant!r}, max_words={self.max_words})"
