@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from datamodules.samplers import LengthGroupedSampler, chunks, padding_fraction
-from lightning_modules.files import default_file_mode, write_text_atomic
+from lightning_modules.files import write_bytes_atomic, write_text_atomic
 
 LENGTH_MODEL = {
     "prompt_median": 100, "prompt_sigma": 1.0, "response_median": 200, "response_sigma": 0.8,
@@ -72,19 +70,6 @@ def markdown_table(rows: list[dict]) -> str:
         ratio = f"{r['ratio']:.1f}×" if r["ratio"] is not None else "∞"
         lines.append(f"| {r['batch_size']} | {r['random']:.1%} | {r['grouped']:.1%} | {ratio} |")
     return "\n".join(lines) + "\n"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Binary twin of `write_text_atomic` (temp file next to `path`, then `os.replace`)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot(rows: list[dict], path: Path) -> None:

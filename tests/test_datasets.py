@@ -189,3 +189,25 @@ def test_describe_command_on_a_data_config_and_on_the_synthetic_task(fixtures, a
 
 def test_loaded_tokenizer_is_the_assets_one(assets) -> None:  # guards the fixture wiring above
     assert load_tokenizer(str(assets / "model")).eos_token == "</s>"
+
+
+def test_group_by_length_reduces_padding_in_real_batches(fixtures, assets) -> None:
+    from datamodules.samplers import LengthGroupedSampler
+
+    def padding(dm: PreferenceDataModule) -> float:
+        dm.setup("fit")
+        pad = total = 0
+        for batch in dm.train_dataloader():
+            mask = batch["chosen_attention_mask"]
+            total += mask.numel()
+            pad += (mask == 0).sum().item()
+        return pad / total
+
+    fixture = fixtures["hh"]
+    grouped = datamodule("hh", fixture, assets, group_by_length=True, batch_size=4)
+    plain = datamodule("hh", fixture, assets, batch_size=4)
+    assert padding(grouped) < padding(plain)
+    assert isinstance(grouped.train_dataloader().sampler, LengthGroupedSampler)
+    # every kept row appears exactly once per epoch
+    rows = sorted(tuple(i) for b in grouped.train_dataloader() for i in b["chosen_input_ids"].tolist())
+    assert len(rows) == grouped.stats["train"].kept
