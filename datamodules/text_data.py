@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 from datasets import Dataset, DatasetDict
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datamodules.loading import load_splits, require_columns
@@ -138,6 +139,9 @@ class TextDataModule(L.LightningDataModule):
                 raise UserInputError(f"data.path={self.path!r} ({role} split): {error}") from error
             require_columns(dataset, self.required_columns(schema), f"data.path={self.path!r} ({role} split)")
             self.data[role], self.stats[role] = self.prepare(dataset, schema, role)
+            stats = self.stats[role].as_dict()
+            rank_zero_info(f"data {role} ({self.path} / {self.splits[role]}, schema {schema}): kept {stats['kept']}, "
+                           f"dropped {stats['dropped'] or 0}, truncated {stats['truncated']}")
 
     def prepare(self, rows: Iterable[dict[str, Any]], schema: str, role: str) -> tuple[list[dict], RowStats]:
         """Normalize and encode every row, counting each drop by reason; enforce `max_bad_fraction`."""
