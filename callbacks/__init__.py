@@ -1,8 +1,11 @@
 """Callbacks: export in HF format, metrics to JSON, generation reward during validation, prediction JSONL."""
 
+from callbacks.degeneration import DegenerationDetector
 from callbacks.export_pretrained import ExportPretrained, export_pretrained
 from callbacks.generation_reward import GenerationReward
 from callbacks.metrics_json import MetricsJSON
 from callbacks.prediction_writer import JSONLPredictionWriter
+from callbacks.reference_sync import ReferenceSync
 
-__all__ = ["ExportPretrained", "GenerationReward", "JSONLPredictionWriter", "MetricsJSON", "export_pretrained"]
+__all__ = ["DegenerationDetector", "ExportPretrained", "GenerationReward", "JSONLPredictionWriter", "MetricsJSON",
+           "ReferenceSync", "export_pretrained"]

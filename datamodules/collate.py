@@ -9,7 +9,12 @@ Worked example (pad id 0, IGNORE = -100) for one pair with prompt `[5, 6]`, chos
 
 Chosen and rejected are padded (on the right) to one common length T, so
 `lightning_modules.logprobs.concatenated_forward` can stack them into a (2B, T) batch. Any float
-column present in every row (e.g. `ref_chosen_logps`) is passed through as a (B,) tensor.
+column present in every row (e.g. RefDPO's `ref_chosen_logps`) is passed through as a (B,) float32
+tensor, and any column of equal-length number lists other than the token columns (the K cached
+references' `ref_chosen_logps`, `ref_chosen_counts`, ...) as a (B, K) tensor: float32 for lists of
+floats, long for lists of ints. For K = 2 cached references and B = 1::
+
+    ref_chosen_logps   [[-7.25, -9.5]]   ref_chosen_counts   [[5, 7]]   (each reference's own tokens)
 """
 
 from __future__ import annotations
@@ -40,9 +45,23 @@ def _pad_text(rows: list[dict[str, Any]], prefix: str, pad_id: int, length: int)
     }
 
 
+TOKEN_COLUMNS = ("input_ids", "labels", "attention_mask")
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, (int, float)) for x in value)
+
+
 def _float_columns(rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
-    return {k: torch.tensor([row[k] for row in rows], dtype=torch.float32) for k in keys}
+    """Float columns → (B,) float32; number-list columns (not token ids) → (B, K) float32 or long."""
+    out = {}
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
+        elif _is_number_list(value) and not key.endswith(TOKEN_COLUMNS):
+            floats = any(isinstance(x, float) for row in rows for x in row[key])
+            out[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32 if floats else torch.long)
+    return out
 
 
 class SFTCollator:

@@ -4,7 +4,12 @@ Schemas (`datamodules.schemas`): local prompt/chosen/rejected files, UltraFeedba
 message lists, RefDPO (with precomputed reference log-probs), the relabelled AlpacaFarm sets, and
 hh-rlhf transcripts. RefDPO's `chosen_logprob` / `rejected_logprob` reach the batch as
 `ref_chosen_logps` / `ref_rejected_logps` (use with `model.reference: precomputed`). With
-`study_split`, train / val / test are carved out of one source split as in the multi-reference
+`reference_cache`, each pair instead gets the cached log-probs of K reference models
+(`lightning_modules.reference_cache`, computed once beforehand, looked up by pair content) as lists
+of K values: `ref_chosen_logps` / `ref_rejected_logps` (floats) and `ref_chosen_counts` /
+`ref_rejected_counts` (each reference's own response token counts), batched as (B, K) (use with
+`model.reference: cached`); a missing or invalid cache stops setup with the command that computes it.
+With `study_split`, train / val / test are carved out of one source split as in the multi-reference
 study (filters, 7,000-pair sample, per-seed 5,000 / 1,000 / 1,000), deterministic and cached.
 See `datamodules.collate` for the batch layout.
 """
@@ -12,31 +17,43 @@ See `datamodules.collate` for the batch layout.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, DatasetDict
+from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.collate import PairCollator
-from datamodules.loading import cache_dir_for, fingerprint
+from datamodules.loading import cache_dir_for, fingerprint, load_splits
 from datamodules.multiref_split import StudySplit, prepare_study_split
-from datamodules.schemas import REQUIRED_COLUMNS, detect_schema, normalize_pair
+from datamodules.schemas import REQUIRED_COLUMNS, RowStats, detect_schema, normalize_pair
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
+from lightning_modules.errors import UserInputError
+from lightning_modules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
 
 
 class PreferenceDataModule(TextDataModule):
     """(prompt, chosen, rejected) pairs; optional reference log-prob columns; optional study split."""
 
     def __init__(self, *args: Any, reference_columns: tuple[str, str] | None = None,
-                 study_split: StudySplit | None = None, **kwargs: Any):
+                 study_split: StudySplit | None = None, reference_cache: list[ReferenceSpec] | None = None,
+                 **kwargs: Any):
         """Preference data.
 
         Args:
             reference_columns: extra (chosen, rejected) columns of summed reference log-probs to pass to the batch.
             study_split: carve train/val/test out of train_split as in the multi-reference study (SPEC section 4).
+            reference_cache: references whose cached log-probs are attached to each pair as (K,) columns.
         """
         super().__init__(*args, **kwargs)
+        specs = [s if isinstance(s, ReferenceSpec) else ReferenceSpec(**s) for s in reference_cache or ()]
+        if specs and reference_columns is not None:
+            raise UserInputError("data.reference_columns and data.reference_cache both fill ref_chosen_logps / "
+                                 "ref_rejected_logps; set only one of them")
+        self.reference_cache = specs or None
         self.reference_columns = reference_columns
         self.study_split = study_split
         self.study_result = None
@@ -69,10 +86,58 @@ class PreferenceDataModule(TextDataModule):
                 return "too_long"
             item["truncated"] |= encoded.truncated
             item[f"{side}_input_ids"], item[f"{side}_labels"] = encoded.input_ids, encoded.labels
+        if self.reference_cache:  # cached values replace any shipped ones (RefDPO's) in `prepare`
+            item["pair_key"] = pair_key(example)
+            return item
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in example:
                 item[key] = float(example[key])
         return item
+
+    def prepare(self, rows: Dataset, schema: str, role: str) -> tuple[list[dict], RowStats]:
+        items, stats = super().prepare(rows, schema, role)
+        if self.reference_cache:
+            self.attach_reference_cache(items, self.cache_fingerprint(rows, schema), role)
+        return items, stats
+
+    # ---- cached reference log-probs (lightning_modules.reference_cache) --------------------------------
+    def cache_fingerprint(self, dataset: Dataset, schema: str) -> str:
+        """Identity of one split's raw rows as this module reads them: part of each reference cache's key."""
+        return fingerprint(dataset, self.path, self.name, schema)
+
+    def reference_cache_dir(self) -> Path:
+        """Folder of the reference caches: `reference_logps/` beside the dataset (see `cache_dir_for`)."""
+        return cache_dir_for(self.path) / "reference_logps"
+
+    def reference_sources(self) -> list[tuple[str, Dataset, str]]:
+        """(role, raw rows, schema) of every configured split, read as `setup` reads them."""
+        raw = load_splits(self.path, self.name)
+        sources = []
+        for role in ("train", "val", "test"):
+            if self.splits.get(role):
+                dataset = self.role_dataset(raw, role)
+                sources.append((role, dataset, self.schema if self.schema != "auto" else self.detect_schema(dataset)))
+        return sources
+
+    def attach_reference_cache(self, items: list[dict[str, Any]], dataset_fingerprint: str, role: str) -> None:
+        """Give every item its K references' cached values (config order); never loads a model."""
+        keys = [item.pop("pair_key") for item in items]
+        columns: dict[str, list[np.ndarray]] = {}
+        for k, spec in enumerate(self.reference_cache):
+            cached, manifest = load_reference_cache(spec, dataset_fingerprint=dataset_fingerprint,
+                                                    max_length=self.max_length, cache_dir=self.reference_cache_dir())
+            values = cached.lookup(keys) if cached is not None else None
+            if values is None:
+                problem = "has no valid cached log-probs for" if cached is None else "does not cover every pair of"
+                raise UserInputError(
+                    f"data.reference_cache[{k}] ({spec.name_or_path!r}) {problem} the {role} split (expected "
+                    f"{manifest}). Compute the reference caches once with: {compute_command()}")
+            for name, array in values.items():
+                columns.setdefault(name, []).append(array)
+        stacked = {f"ref_{name}": np.stack(arrays, axis=1).tolist() for name, arrays in columns.items()}  # (N, K)
+        for i, item in enumerate(items):
+            item.update({name: rows[i] for name, rows in stacked.items()})
+        rank_zero_info(f"data {role}: cached log-probs of {len(self.reference_cache)} reference(s) attached")
 
     def collator(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id)
@@ -99,3 +164,14 @@ class PreferenceDataModule(TextDataModule):
         for role in ("train", "val", "test"):  # positions among good rows → rows of the source split
             setattr(result, role, [raw_index[j] for j in getattr(result, role)])
         return result
+
+
+def compute_command() -> str:
+    """The command that computes the caches of the current run (its --config and --data.* arguments from argv)."""
+    args, argv = [], sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--config" or (arg.startswith("--data.") and "=" not in arg):
+            args += [arg, argv[i + 1]] if i + 1 < len(argv) else [arg]
+        elif arg.startswith(("--config=", "--data.")):
+            args.append(arg)
+    return " ".join(["python -m lightning_modules.reference_cache", *(args or ["--config YOUR_EXPERIMENT.yaml"])])

@@ -5,6 +5,10 @@ Each returns tensors of shape (B,) (or (B, K) for several references). Modes (SP
 - `live`: a frozen model (by default a copy of the initial policy), always in `eval()` with
   dropout off, run under `no_grad` through the same `concatenated_forward` as the policy.
 - `precomputed`: log-probs already stored in the batch (e.g. RefDPO's `chosen_logprob`).
+- `cached`: the (B, K) columns `ref_chosen_logps` / `ref_rejected_logps` that
+  `datamodules.PreferenceDataModule(reference_cache=...)` reads from the cache built by
+  `lightning_modules.reference_cache`; no model, no forward pass. Single-reference objectives get
+  (B,) (K must be 1), multi-reference ones (`mrpo`, `mdpo`) the full (B, K).
 - `none`: reference-free DPO, Δref = 0 (RefDPO's "posterior probability" parameterization).
 """
 
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 from lightning_modules.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
 
-ReferenceMode = Literal["live", "precomputed", "none"]
+ReferenceMode = Literal["live", "precomputed", "cached", "none"]
 
 
 class LiveReference(nn.Module):
@@ -58,6 +62,39 @@ class PrecomputedReference(nn.Module):
                 "Point the data module's reference columns at the dataset's stored log-probs."
             )
         return batch[self.chosen_key].float(), batch[self.rejected_key].float()
+
+
+class CachedReference(nn.Module):
+    """Reference log-probs of K cached references, read from (B, K) batch columns."""
+
+    forward_calls = 0  # model passes: none, ever (the counter `LiveReference` increments)
+
+    def __init__(self, *, multi: bool = False, average: bool = False):
+        """`multi`: the objective takes (B, K); else K must be 1 and (B,) is returned. `average`: divide by counts."""
+        super().__init__()
+        self.multi, self.average = multi, average
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        chosen, rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
+        if chosen is None or rejected is None or chosen.dim() != 2:
+            got = "missing" if chosen is None else f"of shape {tuple(chosen.shape)}"
+            raise UserInputError(
+                f"reference='cached' reads (B, K) batch columns ref_chosen_logps / ref_rejected_logps from "
+                f"data.reference_cache, but they are {got}. List the reference(s) under "
+                "data.init_args.reference_cache (for a dataset's own log-prob columns use reference='precomputed')."
+            )
+        chosen, rejected = chosen.float(), rejected.float()
+        if self.average:  # each reference divides by its own token counts (SPEC section 1)
+            chosen = chosen / batch["ref_chosen_counts"].clamp(min=1)
+            rejected = rejected / batch["ref_rejected_counts"].clamp(min=1)
+        if self.multi:
+            return chosen, rejected  # (B, K)
+        if chosen.shape[1] != 1:
+            raise UserInputError(
+                f"model.objective takes one reference, but data.reference_cache lists K={chosen.shape[1]}; keep one "
+                "reference there, or use a multi-reference objective (mrpo, mdpo) with objective_options.alphas."
+            )
+        return chosen[:, 0], rejected[:, 0]  # (B,)
 
 
 class NoReference(nn.Module):

@@ -71,7 +71,8 @@ def help_entries(text: str, prefix: str) -> dict[str, str]:
     entries = {}
     for chunk in body.split(f" --{prefix}.")[1:]:
         name, _, rest = chunk.partition(" ")
-        entries[name] = rest
+        name = name.rstrip("+")  # a list option also has an appending alias `--prefix.name+`
+        entries[name] = f"{entries[name]} {rest}" if name in entries else rest
     return entries
 
 
@@ -135,7 +136,7 @@ def test_init_descriptions_follows_kwargs():
 
     inherited = init_descriptions(PreferenceDataModule)
     own = set(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
-    assert set(inherited) == own | {"reference_columns", "study_split"}
+    assert set(inherited) == own | {"reference_columns", "study_split", "reference_cache"}
     assert inherited["max_length"] == init_descriptions(TextDataModule)["max_length"]
 
 

@@ -92,6 +92,10 @@ def is_data_config(config: dict[str, Any]) -> bool:
     return config.keys() == {"data"}
 
 
+def is_sweep_config(config: dict[str, Any]) -> bool:
+    return {"out_dir", "runs"} <= config.keys()
+
+
 def is_evaluation_config(config: dict[str, Any]) -> bool:
     return {"policies", "prompts_path", "reward"} <= config.keys()
 
@@ -135,7 +139,7 @@ def no_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(REPO / "configs").as_posix() for p in CONFIGS])
-def test_config_instantiates(path, assets, tmp_path, no_loading):
+def test_config_instantiates(path, assets, tmp_path, no_loading, capsys):
     config = yaml.safe_load(path.read_text())
     if is_training_config(config):
         check_training_config(config, path, assets, tmp_path)
@@ -143,6 +147,8 @@ def test_config_instantiates(path, assets, tmp_path, no_loading):
         check_data_config(config, path)
     elif is_evaluation_config(config):
         check_evaluation_config(config, path)
+    elif is_sweep_config(config):
+        check_sweep_config(config, capsys)
     else:
         pytest.fail(f"{path}: no known entry point parses this config; teach tests/test_configs.py about it")
 
@@ -216,6 +222,21 @@ def test_data_config_composes_onto_an_experiment(assets, tmp_path, no_loading):
     dm = cli.datamodule
     assert (dm.path, dm.name, dm.schema, dm.template, dm.max_length) == ("yale-nlp/RefDPO", "tulu2", "refdpo", "zephyr", 2048)
     assert dm.tokenizer_name_or_path == cli.model.model_name_or_path == str(assets / "model")
+
+
+def check_sweep_config(config: dict[str, Any], capsys) -> None:
+    """Every run of a sweep is the sweep's DPO config plus overrides: each must parse with the real CLI."""
+    from lightning_modules.refdpo_sweep import DPO_CONFIG
+
+    names = [run["name"] for run in config["runs"]]
+    assert len(names) == len(set(names)), "run names must be unique (they name the output folders)"
+    for run in config["runs"]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(REPO / DPO_CONFIG), f"--model.init_args.beta={run['beta']}",
+                  *run.get("args", []), "--print_config"])
+        assert exit_info.value.code in (0, None), run["name"]
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["beta"] == run["beta"]
 
 
 def check_evaluation_config(config: dict[str, Any], path: Path) -> None:

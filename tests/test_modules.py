@@ -177,7 +177,7 @@ def test_sft_weight_with_average_logps_is_not_divided_twice(assets: Path, batch)
         ({"objective": "dpo"}, r"model\.objective='dpo' is not one of \[.*'sigmoid'"),
         ({"beta": 0.0}, r"model\.beta must be > 0, got 0\.0"),
         ({"beta": -0.1}, r"model\.beta must be > 0"),
-        ({"reference": "frozen"}, r"model\.reference='frozen' is not one of \['live', 'precomputed', 'none'\]"),
+        ({"reference": "frozen"}, r"model\.reference='frozen' is not one of \['live', 'precomputed', 'cached', 'none'\]"),
     ],
 )
 def test_bad_config_raises_user_input_error(kwargs, pattern) -> None:
