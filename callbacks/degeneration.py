@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.generation_reward import load_prompts
 from lightning_modules.errors import UserInputError
-from lightning_modules.generation import generate_responses
+from lightning_modules.generation import generate_with_datamodule
 
 def repeated_ngram_fraction(text: str, n: int = 4) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one: 1 − unique / total (0 if none).
@@ -130,11 +130,9 @@ class DegenerationDetector(L.Callback):
             return
         if self._prompts is None:
             self._prompts = load_prompts(self.prompts_path, self.num_prompts)
-        data = trainer.datamodule
-        self.responses = generate_responses(pl_module.policy, data.tokenizer, self._prompts,
-                                            max_new_tokens=self.max_new_tokens, template=data.template,
-                                            insert_eos=data.insert_eos)
-        lengths = [len(data.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.responses]
+        self.responses = generate_with_datamodule(trainer, pl_module.policy, self._prompts,
+                                                  max_new_tokens=self.max_new_tokens)
+        lengths = [len(trainer.datamodule.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.responses]
         options = dict(max_new_tokens=self.max_new_tokens, ngram=self.ngram,
                        max_length_fraction=self.max_length_fraction)
         repeat, long = degeneration_stats(self.responses, lengths, **options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 from datasets import load_dataset
 
-from lightning_modules.generation import RewardFn, generate_responses
+from lightning_modules.generation import RewardFn, generate_with_datamodule
 
 
 def load_prompts(path: str, limit: int | None = None, field: str = "prompt") -> list:
@@ -45,9 +45,7 @@ class GenerationReward(L.Callback):
             return
         if self._prompts is None:
             self._prompts = load_prompts(self.prompts_path, self.num_prompts)
-        data = trainer.datamodule
-        responses = generate_responses(pl_module.policy, data.tokenizer, self._prompts, max_new_tokens=self.max_new_tokens,
-                                       template=data.template, insert_eos=data.insert_eos)
+        responses = generate_with_datamodule(trainer, pl_module.policy, self._prompts, max_new_tokens=self.max_new_tokens)
         rewards = list(self.reward(self._prompts, responses))
         lengths = [len(r.split()) for r in responses]
         pl_module.log("val/generation/reward", sum(rewards) / len(rewards), sync_dist=True)

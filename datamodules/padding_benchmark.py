@@ -18,7 +18,6 @@ chunks of the `LengthGroupedSampler` order. Writes summary.json, summary.md, pad
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.samplers import LengthGroupedSampler, chunks, padding_fraction
-from lightning_modules.files import write_bytes_atomic, write_text_atomic
+from lightning_modules.files import write_figure_atomic, write_text_atomic
 
 LENGTH_MODEL = {
     "prompt_median": 100, "prompt_sigma": 1.0, "response_median": 200, "response_sigma": 0.8,
@@ -89,10 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Padding per batch: random vs length-grouped")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:

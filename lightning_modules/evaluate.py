@@ -8,7 +8,6 @@ distributions per policy) and `generations.jsonl` (every prompt, response and re
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from lightning_modules.errors import UserInputError
-from lightning_modules.files import write_bytes_atomic, write_jsonl_atomic, write_text_atomic
+from lightning_modules.files import write_figure_atomic, write_jsonl_atomic, write_text_atomic
 from lightning_modules.generation import RewardFn, generate_responses
 
 
@@ -57,10 +56,7 @@ def plot_distributions(results: dict[str, dict[str, list[float]]], path: Path, t
     ax_r.legend(), ax_l.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path)
 
 
 def evaluate(

@@ -40,3 +40,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """One JSON object per line, written atomically."""
     return write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return write_bytes_atomic(path, buffer.getvalue())

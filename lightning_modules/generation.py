@@ -52,3 +52,10 @@ def generate_responses(
         tokenizer.padding_side = side
         model.train(was_training)
     return responses
+
+
+def generate_with_datamodule(trainer, model: PreTrainedModel, prompts: Sequence, **options) -> list[str]:
+    """`generate_responses` with the tokenizer, template and insert_eos of `trainer.datamodule` (as trained)."""
+    data = trainer.datamodule
+    return generate_responses(model, data.tokenizer, prompts, template=data.template, insert_eos=data.insert_eos,
+                              **options)

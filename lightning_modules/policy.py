@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lightning_modules.generation import generate_responses
+from lightning_modules.generation import generate_with_datamodule
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -104,7 +104,5 @@ class PolicyModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         """Generate one response per prompt of a `PromptDataModule` batch (greedy unless configured)."""
-        data = self.trainer.datamodule
-        responses = generate_responses(self.policy, data.tokenizer, batch["prompt"], template=data.template,
-                                       insert_eos=data.insert_eos, **self.generation)
+        responses = generate_with_datamodule(self.trainer, self.policy, batch["prompt"], **self.generation)
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses)]

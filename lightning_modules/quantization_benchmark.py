@@ -22,7 +22,6 @@ whose sign of logp(chosen) − logp(rejected) flips. Writes summary.json, summar
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from datamodules import PreferenceDataModule
 from datamodules.synthetic import SyntheticTask, build_assets
-from lightning_modules.files import write_bytes_atomic, write_text_atomic
+from lightning_modules.files import write_figure_atomic, write_text_atomic
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.quantization import load_reference_model, model_memory_bytes, quantized_linear_count
 
@@ -125,10 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(x, models, fontsize=8)
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:

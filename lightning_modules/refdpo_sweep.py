@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from lightning_modules.evaluate import markdown_table
-from lightning_modules.files import write_bytes_atomic, write_text_atomic
+from lightning_modules.files import write_figure_atomic, write_text_atomic
 
 DPO_CONFIG = "configs/sweeps/refdpo_dpo.yaml"
 SFT_CONFIG = "configs/sweeps/refdpo_sft.yaml"
@@ -67,7 +67,6 @@ def collect(run: dict[str, Any], out: Path, seconds: float) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Generation reward and validation reward accuracy against β, one line per reference choice."""
-    import io
 
     import matplotlib
 
@@ -87,10 +86,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("synthetic task: DPO by β and reference choice")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path)
 
 
 def sweep(config_path: str = "configs/sweeps/refdpo.yaml") -> list[dict[str, Any]]:

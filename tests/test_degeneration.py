@@ -130,15 +130,15 @@ def dpo_fit(assets: Path, tmp_path: Path, lr: float, detector: DegenerationDetec
 
 @pytest.fixture
 def count_generations(monkeypatch) -> list[int]:
-    """Counts the detector's generate_responses calls (sanity-check validation must make none)."""
+    """Counts the detector's generation calls (sanity-check validation must make none)."""
     calls: list[int] = []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return generate(*args, **kwargs)
 
-    generate = degeneration.generate_responses
-    monkeypatch.setattr(degeneration, "generate_responses", counted)
+    generate = degeneration.generate_with_datamodule
+    monkeypatch.setattr(degeneration, "generate_with_datamodule", counted)
     return calls
 
 
@@ -169,8 +169,8 @@ def test_small_learning_rate_is_not_flagged(assets: Path, tmp_path: Path, count_
 
 def test_repetitive_generations_are_flagged(assets: Path, tmp_path: Path, monkeypatch) -> None:
     """The tiny model does not loop in words, so the repetition path is driven by crafted generations."""
-    looping = lambda model, tokenizer, prompts, **kwargs: ["yes yes yes yes yes yes yes"] * len(prompts)  # noqa: E731
-    monkeypatch.setattr(degeneration, "generate_responses", looping)
+    looping = lambda trainer, model, prompts, **kwargs: ["yes yes yes yes yes yes yes"] * len(prompts)  # noqa: E731
+    monkeypatch.setattr(degeneration, "generate_with_datamodule", looping)
     detector = DegenerationDetector(str(assets / "data" / "prompts" / "test.jsonl"), num_prompts=4)
     _, metrics = dpo_fit(assets, tmp_path, lr=1e-3, detector=detector, max_epochs=1)
     assert detector.reasons == ["repetition"]  # 7 words, 4 four-grams, 1 unique: 3/4 repeat
