@@ -6,10 +6,18 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+from torch import nn
+
+from lightning_modules.lora import lora_layers, merged_copy
 
 
 def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
-    """Write model + tokenizer to `dirpath` atomically: a temp folder renamed into place at the end."""
+    """Write model + tokenizer to `dirpath` atomically: a temp folder renamed into place at the end.
+
+    A LoRA policy is exported with its adapters merged, as a plain model that `from_pretrained` loads.
+    """
+    if isinstance(model, nn.Module) and any(True for _ in lora_layers(model)):
+        model = merged_copy(model)
     target = Path(dirpath)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

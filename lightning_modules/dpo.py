@@ -19,7 +19,8 @@ from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.objectives import OBJECTIVES, preference_metrics
 from lightning_modules.policy import PolicyModule, load_causal_lm
 from lightning_modules.quantization import Quantization, load_reference_model
-from lightning_modules.references import (CachedReference, LiveReference, NoReference, PrecomputedReference,
+from lightning_modules.references import (AdapterOffReference, CachedReference, LiveReference, NoReference,
+                                         PrecomputedReference,
                                          ReferenceMode)
 
 
@@ -96,7 +97,10 @@ class DPOModule(PolicyModule):
         super().configure_model()
         if self.reference is not None:
             return
-        if self.reference_mode == "live":
+        if self.reference_mode == "live" and self.lora is not None and self.reference_name_or_path is None \
+                and self.reference_quantization == "none":  # a LoRA policy's reference is its base model
+            self.reference = AdapterOffReference(self.policy, average=self.average_logps)
+        elif self.reference_mode == "live":
             source = self.reference_name_or_path or self.model_name_or_path
             if self.reference_quantization != "none":  # quantized at load time, kept out of the optimizer
                 model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization)

@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lightning_modules.generation import generate_with_datamodule
+from lightning_modules.lora import LoraSpec, apply_lora
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -44,6 +45,7 @@ class PolicyModule(L.LightningModule):
         dtype: Dtype = "float32",
         gradient_checkpointing: bool = False,
         generation: dict[str, Any] | None = None,
+        lora: LoraSpec | None = None,
     ):
         """Shared arguments.
 
@@ -54,6 +56,7 @@ class PolicyModule(L.LightningModule):
             dtype: dtype the policy weights are loaded in.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
             generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
+            lora: train low-rank adapters on a frozen base instead of all weights (r, alpha, dropout, target_modules).
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -62,12 +65,15 @@ class PolicyModule(L.LightningModule):
         self.dtype_name = dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.generation = dict(generation or {})
+        self.lora = lora
         self.policy: PreTrainedModel | None = None
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
+        if self.lora is not None:
+            apply_lora(self.policy, self.lora)
         # from_pretrained returns eval mode and Lightning keeps module modes: train with dropout as configured.
         self.policy.train()
         if self.gradient_checkpointing:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_modules.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
+from lightning_modules.lora import adapters_disabled
 
 ReferenceMode = Literal["live", "precomputed", "cached", "none"]
 
@@ -44,6 +45,33 @@ class LiveReference(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         self.forward_calls += 1
         out = concatenated_forward(self.model, batch, average=self.average)
+        return out.chosen_logps, out.rejected_logps
+
+
+class AdapterOffReference(nn.Module):
+    """The reference of a LoRA policy: the same model with its adapters disabled (no second copy).
+
+    The policy is held without registering it as a submodule, so the reference neither owns nor
+    switches the mode of the policy's weights.
+    """
+
+    def __init__(self, policy: nn.Module, *, average: bool = False):
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)
+        self.average = average
+        self.forward_calls = 0
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        self.forward_calls += 1
+        policy = self._policy
+        was_training = policy.training
+        policy.eval()  # a reference never uses dropout
+        try:
+            with adapters_disabled(policy):
+                out = concatenated_forward(policy, batch, average=self.average)
+        finally:
+            policy.train(was_training)
         return out.chosen_logps, out.rejected_logps
 
 
