@@ -24,19 +24,19 @@ demo: $(STAMP)
 	$(PY) -m datamodules.synthetic build --out runs/demo/assets
 	$(PY) -m lightning_modules fit --config configs/quickstart/sft.yaml
 	$(PY) -m lightning_modules fit --config configs/quickstart/dpo.yaml
-	$(PY) -m lightning_modules.evaluate --config configs/quickstart/evaluate.yaml
+	$(PY) -m lightning_modules.studies.evaluate --config configs/quickstart/evaluate.yaml
 
 # β × reference choice on the synthetic task (resumes: delete runs/refdpo-sweep to start over).
 refdpo-sweep: $(STAMP)
-	$(PY) -m lightning_modules.refdpo_sweep configs/sweeps/refdpo.yaml
+	$(PY) -m lightning_modules.studies.refdpo_sweep configs/sweeps/refdpo.yaml
 
 # Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
 padding-bench: $(STAMP)
-	$(PY) -m datamodules.padding_benchmark --out runs/padding-bench
+	$(PY) -m lightning_modules.studies.padding_benchmark --out runs/padding-bench
 
 # Reference model float32 vs 8-bit vs 4-bit (nf4) via bitsandbytes: memory, speed, log-prob drift (CPU, ~1 min).
 reference-quant-bench: $(STAMP)
-	$(PY) -m lightning_modules.quantization_benchmark --out runs/reference-quant-bench
+	$(PY) -m lightning_modules.studies.quantization_benchmark --out runs/reference-quant-bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

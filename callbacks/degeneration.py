@@ -23,9 +23,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.generation_reward import load_prompts
-from lightning_modules.errors import UserInputError
-from lightning_modules.generation import generate_with_datamodule
+from datamodules.prompts import load_prompts
+from datamodules.utils.errors import UserInputError
+from lightning_modules.models.generation import generate_with_datamodule
 
 def repeated_ngram_fraction(text: str, n: int = 4) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one: 1 − unique / total (0 if none).

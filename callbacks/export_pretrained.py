@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from torch import nn
 
-from lightning_modules.lora import lora_layers, merged_copy
+from lightning_modules.models.adapters import lora_layers, merged_copy
 
 
 def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:

@@ -7,16 +7,9 @@ and a few prompt → response samples as TensorBoard text.
 from __future__ import annotations
 
 import lightning as L
-from datasets import load_dataset
 
-from lightning_modules.generation import RewardFn, generate_with_datamodule
-
-
-def load_prompts(path: str, limit: int | None = None, field: str = "prompt") -> list:
-    """Prompts from a JSONL file (one `{"prompt": ...}` per line) through HF `datasets`."""
-    rows = load_dataset("json", data_files={"prompts": path})["prompts"]
-    prompts = rows[field]
-    return prompts[:limit] if limit else prompts
+from datamodules.prompts import load_prompts
+from lightning_modules.models.generation import RewardFn, generate_with_datamodule
 
 
 class GenerationReward(L.Callback):

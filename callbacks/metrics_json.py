@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lightning_modules.files import write_text_atomic
+from datamodules.utils.files import write_text_atomic
 
 
 class MetricsJSON(L.Callback):

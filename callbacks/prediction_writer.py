@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_modules.files import write_jsonl_atomic
-from lightning_modules.generation import RewardFn
+from datamodules.utils.files import write_jsonl_atomic
+from lightning_modules.models.generation import RewardFn
 
 
 class JSONLPredictionWriter(BasePredictionWriter):

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 SyncMode = Literal["soft", "hard"]
 CHECKPOINT_KEY = "reference_sync/reference"

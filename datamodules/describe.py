@@ -22,7 +22,7 @@ import yaml
 
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import IGNORE_INDEX
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 PERCENTILES = (5, 25, 50, 75, 95, 100)
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.files import write_text_atomic
+from datamodules.utils.errors import UserInputError
+from datamodules.utils.files import write_text_atomic
 
 FIELDS = ("prompt", "chosen", "rejected")
 REASONS = ("short_prompt", "short_chosen", "short_rejected", "too_long")

@@ -5,7 +5,7 @@ message lists, RefDPO (with precomputed reference log-probs), the relabelled Alp
 hh-rlhf transcripts. RefDPO's `chosen_logprob` / `rejected_logprob` reach the batch as
 `ref_chosen_logps` / `ref_rejected_logps` (use with `model.reference: precomputed`). With
 `reference_cache`, each pair instead gets the cached log-probs of K reference models
-(`lightning_modules.reference_cache`, computed once beforehand, looked up by pair content) as lists
+(`lightning_modules.references.cache_builder`, computed once beforehand, looked up by pair content) as lists
 of K values: `ref_chosen_logps` / `ref_rejected_logps` (floats) and `ref_chosen_counts` /
 `ref_rejected_counts` (each reference's own response token counts), batched as (B, K) (use with
 `model.reference: cached`); a missing or invalid cache stops setup with the command that computes it.
@@ -31,8 +31,8 @@ from datamodules.multiref_split import StudySplit, prepare_study_split
 from datamodules.schemas import REQUIRED_COLUMNS, RowStats, detect_schema, normalize_pair
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
-from lightning_modules.errors import UserInputError
-from lightning_modules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
+from datamodules.utils.errors import UserInputError
+from datamodules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
 
 
 class PreferenceDataModule(TextDataModule):
@@ -100,7 +100,7 @@ class PreferenceDataModule(TextDataModule):
             self.attach_reference_cache(items, self.cache_fingerprint(rows, schema), role)
         return items, stats
 
-    # ---- cached reference log-probs (lightning_modules.reference_cache) --------------------------------
+    # ---- cached reference log-probs (lightning_modules.references.cache_builder) --------------------------------
     def cache_fingerprint(self, dataset: Dataset, schema: str) -> str:
         """Identity of one split's raw rows as this module reads them: part of each reference cache's key."""
         return fingerprint(dataset, self.path, self.name, schema)
@@ -174,4 +174,4 @@ def compute_command() -> str:
             args += [arg, argv[i + 1]] if i + 1 < len(argv) else [arg]
         elif arg.startswith(("--config=", "--data.")):
             args.append(arg)
-    return " ".join(["python -m lightning_modules.reference_cache", *(args or ["--config YOUR_EXPERIMENT.yaml"])])
+    return " ".join(["python -m lightning_modules.references.cache_builder", *(args or ["--config YOUR_EXPERIMENT.yaml"])])

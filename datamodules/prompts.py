@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 
 from datamodules.schemas import REQUIRED_COLUMNS, detect_schema, normalize_prompt
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import encode_prompt
+
+
+def load_prompts(path: str, limit: int | None = None, field: str = "prompt") -> list:
+    """Prompts from a JSONL file (one `{"prompt": ...}` per line) through HF `datasets`."""
+    rows = load_dataset("json", data_files={"prompts": path})["prompts"]
+    prompts = rows[field]
+    return prompts[:limit] if limit else prompts
 
 
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:

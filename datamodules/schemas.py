@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 SCHEMAS = ("pairs", "messages", "refdpo", "alpacafarm", "hh", "prompts")
 REQUIRED_COLUMNS: dict[str, list[str]] = {

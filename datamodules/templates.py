@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 TEMPLATES = ("auto", "tokenizer", "zephyr", "alpacafarm", "plain")
 ROLES = ("system", "user", "assistant")

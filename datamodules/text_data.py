@@ -22,7 +22,7 @@ from datamodules.loading import load_splits, require_columns
 from datamodules.samplers import DistributedLengthGroupedSampler, LengthGroupedSampler
 from datamodules.schemas import RowStats
 from datamodules.tokenize import load_tokenizer
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 # Which splits each Lightning stage reads.
 STAGE_ROLES = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.text_data import TextDataModule
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 from lightning_modules.policy import PolicyModule
 
 

@@ -1,4 +1,4 @@
-"""`DPOModule`: any pairwise objective from `objectives.OBJECTIVES` against any reference provider.
+"""`DPOModule`: any objective of `lightning_modules.objectives` against any reference provider.
 
 One shared step: policy log-probs (one concatenated forward) → reference log-probs → objective →
 metrics. The reference lives in `self.reference`, is never optimized and is left out of checkpoints
@@ -8,18 +8,18 @@ metrics. The reference lives in `self.reference`, is never optimized and is left
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from typing import Any, get_args
 
 from torch import Tensor
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.objectives import OBJECTIVES, preference_metrics
-from lightning_modules.policy import PolicyModule, load_causal_lm
-from lightning_modules.quantization import Quantization, load_reference_model
-from lightning_modules.references import (AdapterOffReference, CachedReference, LiveReference, NoReference,
+from lightning_modules.objectives import OBJECTIVE_CLASSES, Objective, Sigmoid, nll_loss, preference_metrics
+from lightning_modules.models.loading import load_causal_lm
+from lightning_modules.policy import PolicyModule
+from lightning_modules.models.quantization import Quantization, load_reference_model
+from lightning_modules.references.providers import (AdapterOffReference, CachedReference, LiveReference, NoReference,
                                          PrecomputedReference,
                                          ReferenceMode)
 
@@ -29,21 +29,15 @@ from lightning_modules.references import (AdapterOffReference, CachedReference, 
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
-def objective_option_names(name: str) -> set[str]:
-    """Keyword options an objective accepts besides `beta` (e.g. {"label_smoothing"} for cdpo)."""
-    params = inspect.signature(OBJECTIVES[name]).parameters.values()
-    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "beta"}
-
-
 class DPOModule(PolicyModule):
-    """Direct preference optimization and its pairwise variants (cDPO, IPO, hinge, Pref-FT)."""
+    """Direct preference optimization and its variants (cDPO, IPO, hinge, Pref-FT; MRPO / MDPO with fixed α)."""
 
     def __init__(
         self,
         model_name_or_path: str,
-        objective: str = "sigmoid",
+        objective: Objective = Sigmoid(),
         beta: float = 0.1,
-        objective_options: dict[str, Any] | None = None,
+        reference_weights: list[float] | None = None,
         sft_weight: float = 0.0,
         dpo_weight: float = 1.0,
         average_logps: bool = False,
@@ -56,9 +50,9 @@ class DPOModule(PolicyModule):
 
         Args:
             model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
-            objective: name in `lightning_modules.objectives.OBJECTIVES` (sigmoid, cdpo, ipo, hinge, sft, ...).
+            objective: the loss and its options: Sigmoid, CDPO, IPO, Hinge, PrefFT, MRPO, MDPO (`--model.init_args.objective.help CDPO`).
             beta: β, the inverse temperature of the implicit reward β·(logπθ − logπref).
-            objective_options: extra keyword options of the objective, e.g. {label_smoothing: 0.1} for cdpo.
+            reference_weights: fixed α (K,) over the K cached references, for multi-reference objectives (MRPO, MDPO) only.
             sft_weight: weight of an added per-token NLL term on the chosen response (0 = off).
             dpo_weight: weight of the preference loss term; 0 with sft_weight > 0 gives pure Pref-FT.
             average_logps: length-normalize sequence log-probs (use with ipo, as TRL does).
@@ -68,8 +62,10 @@ class DPOModule(PolicyModule):
             **kwargs: optimizer, lr_scheduler, dtype, gradient_checkpointing, generation (see `PolicyModule`).
         """
         super().__init__(model_name_or_path, **kwargs)
-        if objective not in OBJECTIVES:
-            raise UserInputError(f"model.objective={objective!r} is not one of {sorted(OBJECTIVES)}")
+        if not isinstance(objective, Objective):
+            names = ", ".join(cls.__name__ for cls in OBJECTIVE_CLASSES.values())
+            raise UserInputError(f"model.objective={objective!r} is not an objective; use one of {names} "
+                                 "(e.g. `objective: IPO`, or `{class_path: CDPO, init_args: {label_smoothing: 0.1}}`)")
         if beta <= 0:
             raise UserInputError(f"model.beta must be > 0, got {beta}")
         if reference not in get_args(ReferenceMode):
@@ -77,14 +73,16 @@ class DPOModule(PolicyModule):
         if dpo_weight < 0 or sft_weight < 0 or dpo_weight == sft_weight == 0:
             raise UserInputError(f"model.dpo_weight={dpo_weight} and model.sft_weight={sft_weight} must be >= 0 "
                                  "and not both 0 (total loss = dpo_weight·preference + sft_weight·NLL)")
-        accepted = objective_option_names(objective)
-        unknown = sorted(set(objective_options or {}) - accepted)
-        if unknown:
-            raise UserInputError(f"model.objective_options has {unknown}, which objective {objective!r} does not take; "
-                                 f"it accepts {sorted(accepted) or 'no options'}")
+        multi = objective.reference_shape == "multi"
+        if multi and (reference != "cached" or not reference_weights):
+            raise UserInputError(f"model.objective={objective!r} takes K references: set model.reference=cached (the K "
+                                 "references of data.init_args.reference_cache) and model.reference_weights (α, K values)")
+        if not multi and reference_weights is not None:
+            raise UserInputError(f"model.reference_weights is set, but model.objective={objective!r} takes one reference; "
+                                 "use MRPO or MDPO, or drop reference_weights")
         self.objective = objective
         self.beta = beta
-        self.objective_options = dict(objective_options or {})
+        self.reference_weights = None if reference_weights is None else list(reference_weights)
         self.sft_weight = sft_weight
         self.dpo_weight = dpo_weight
         self.average_logps = average_logps
@@ -111,30 +109,35 @@ class DPOModule(PolicyModule):
             self.reference = LiveReference(model, average=self.average_logps)
         elif self.reference_mode == "precomputed":
             self.reference = PrecomputedReference()
-        elif self.reference_mode == "cached":  # objectives taking α take all K references
-            multi = "alphas" in objective_option_names(self.objective)
-            self.reference = CachedReference(multi=multi, average=self.average_logps)
+        elif self.reference_mode == "cached":
+            self.reference = CachedReference(shape=self.objective.reference_shape, average=self.average_logps)
         else:
             self.reference = NoReference()
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         policy = concatenated_forward(self.policy, batch, average=self.average_logps)
         ref_chosen, ref_rejected = self.reference(batch)
-        out = OBJECTIVES[self.objective](
-            policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected,
-            beta=self.beta, **self.objective_options,
-        )
+        out = self.objective(policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected,
+                             beta=self.beta, alphas=self.alphas(ref_chosen))
         loss = self.dpo_weight * out.losses.mean()
         metrics = preference_metrics(out, policy.chosen_logps, policy.rejected_logps)
         if self.dpo_weight != 1.0 or self.sft_weight > 0:
             metrics["pref_loss"] = out.losses.detach().mean()
         if self.sft_weight > 0:
-            chosen_nll = -policy.chosen_logps
-            if not self.average_logps:
-                chosen_nll = chosen_nll / policy.chosen_counts.clamp(min=1)
+            # per-token NLL of the chosen response (already per token when average_logps)
+            chosen_nll = nll_loss(policy.chosen_logps, policy.chosen_counts, average=not self.average_logps)
             loss = loss + self.sft_weight * chosen_nll.mean()
             metrics["sft_nll"] = chosen_nll.mean().detach()
         return loss, metrics
+
+    def alphas(self, ref_chosen: Tensor) -> Tensor | None:
+        """α (K,) for a multi-reference objective, checked against the K references of the batch."""
+        if self.objective.reference_shape != "multi":
+            return None
+        if ref_chosen.shape[-1] != len(self.reference_weights):
+            raise UserInputError(f"model.reference_weights has {len(self.reference_weights)} values, but the batch "
+                                 f"has K={ref_chosen.shape[-1]} references (data.init_args.reference_cache)")
+        return ref_chosen.new_tensor(self.reference_weights)
 
     # The reference is rebuilt from its source, so checkpoints hold the policy only.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

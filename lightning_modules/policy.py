@@ -7,27 +7,17 @@ schedule, and logs metric dicts as `stage/name`. Subclasses implement `model_ste
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lightning_modules.generation import generate_with_datamodule
-from lightning_modules.lora import LoraSpec, apply_lora
+from lightning_modules.models.generation import generate_with_datamodule
+from lightning_modules.models.loading import Dtype, load_causal_lm
+from lightning_modules.models.adapters import LoraSpec, apply_lora
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-def load_causal_lm(name_or_path: str, *, dtype: Dtype = "float32") -> PreTrainedModel:
-    """Load a causal LM from a hub id or a local folder in HF layout."""
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = model.config.pad_token_id
-    return model
-
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     """AdamW, lr 1e-5, no weight decay: overridden by every shipped config."""

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor
 
 from lightning_modules.logprobs import sequence_logps
+from lightning_modules.objectives import NLLReduction, reduce_nll
 from lightning_modules.policy import PolicyModule
-
-Reduction = Literal["token_mean", "sequence_mean", "sum"]
-
-
-def sft_loss(logps: Tensor, counts: Tensor, reduction: Reduction) -> Tensor:
-    """Scalar NLL from per-sequence summed log-probs (B,) and response token counts (B,).
-
-    `token_mean` = Σ −logp / Σ tokens (the usual LM loss); `sequence_mean` = mean over sequences of
-    the per-token NLL; `sum` = mean over sequences of the summed NLL.
-    """
-    if reduction == "token_mean":
-        return -logps.sum() / counts.sum().clamp(min=1)
-    if reduction == "sequence_mean":
-        return (-logps / counts.clamp(min=1)).mean()
-    return (-logps).mean()
-
 
 class SFTModule(PolicyModule):
     """Train the policy to imitate the responses of an SFT dataset (prompt tokens are not trained on)."""
 
-    def __init__(self, model_name_or_path: str, reduction: Reduction = "token_mean", **kwargs: Any):
+    def __init__(self, model_name_or_path: str, reduction: NLLReduction = "token_mean", **kwargs: Any):
         """SFT on (prompt, response) batches from `datamodules.SFTDataModule`.
 
         Args:
@@ -42,6 +27,6 @@ class SFTModule(PolicyModule):
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logps, counts = sequence_logps(out.logits, batch["labels"])
-        loss = sft_loss(logps, counts, self.reduction)
-        token_nll = (-logps.sum() / counts.sum().clamp(min=1)).detach()
+        loss = reduce_nll(logps, counts, self.reduction)
+        token_nll = reduce_nll(logps, counts, "token_mean").detach()
         return loss, {"nll_per_token": token_nll, "ppl": token_nll.exp()}

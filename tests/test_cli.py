@@ -150,6 +150,21 @@ def test_class_help_describes_every_argument(group, class_path, cli_env, capsys)
         assert one_line(description) in entries[name], f"{class_path}: --{group}.{name} help lacks its description"
 
 
+@pytest.mark.parametrize("name", ["CDPO", "MRPO"])
+def test_objective_options_are_listed_in_help(name, cli_env, capsys):
+    """Typed objective options appear, described, under `--model.init_args.objective.help NAME`."""
+    from lightning_modules import objectives
+
+    status, out, _ = run_main(["fit", "--model=lightning_modules.dpo.DPOModule",
+                               "--model.init_args.objective.help", name], capsys)
+    assert status == 0
+    entries = help_entries(out, "objective")  # jsonargparse names them relative to the subclass
+    descriptions = init_descriptions(getattr(objectives, name))
+    assert descriptions and set(descriptions) <= set(entries)
+    for option, description in descriptions.items():
+        assert one_line(description) in entries[option]
+
+
 @pytest.mark.parametrize("override, names", [
     ("--model.init_args.betaa=0.1", ["betaa"]),
     ("--model.init_args.beta=abc", ["beta", "abc"]),

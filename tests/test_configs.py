@@ -5,7 +5,7 @@ which builds the trainer, the model and the datamodule without fitting. Their in
 the `assets` fixture and every output path (`runs/...`) into `tmp_path`, through a rewritten copy of
 the YAML (`localize`), so nothing is written into the repository. Instantiation must stay cheap:
 weights and tokenizers load only in `configure_model` / `setup`, which this test forbids.
-Evaluation configs go through the parser `lightning_modules.evaluate` builds.
+Evaluation configs go through the parser `lightning_modules.studies.evaluate` builds.
 A config that matches neither fails, so a new kind of config gets an entry point here.
 """
 
@@ -226,7 +226,7 @@ def test_data_config_composes_onto_an_experiment(assets, tmp_path, no_loading):
 
 def check_sweep_config(config: dict[str, Any], capsys) -> None:
     """Every run of a sweep is the sweep's DPO config plus overrides: each must parse with the real CLI."""
-    from lightning_modules.refdpo_sweep import DPO_CONFIG
+    from lightning_modules.studies.refdpo_sweep import DPO_CONFIG
 
     names = [run["name"] for run in config["runs"]]
     assert len(names) == len(set(names)), "run names must be unique (they name the output folders)"
@@ -242,7 +242,7 @@ def check_sweep_config(config: dict[str, Any], capsys) -> None:
 def check_evaluation_config(config: dict[str, Any], path: Path) -> None:
     from jsonargparse import auto_parser
 
-    from lightning_modules.evaluate import evaluate
+    from lightning_modules.studies.evaluate import evaluate
 
     parser = auto_parser(evaluate, parser_mode="omegaconf+", exit_on_error=False)
     init = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))

@@ -17,7 +17,7 @@ from datasets import Dataset
 from datamodules import PreferenceDataModule, SFTDataModule
 from datamodules.collate import PairCollator, SFTCollator
 from datamodules.tokenize import IGNORE_INDEX, encode_prompt, encode_response, load_tokenizer, render_prompt
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 PAIR_KEYS = {f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")}
 

@@ -121,7 +121,7 @@ def test_truncation_and_drop_policies(fixtures, assets) -> None:
 
 
 def test_missing_config_name_is_a_clear_error(fixtures, assets) -> None:
-    from lightning_modules.errors import UserInputError
+    from datamodules.utils.errors import UserInputError
 
     dm = datamodule("refdpo_tulu2", fixtures["refdpo_tulu2"], assets, name=None)
     with pytest.raises(UserInputError, match="data.name=None is required"):

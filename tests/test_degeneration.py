@@ -18,7 +18,7 @@ from callbacks import DegenerationDetector, MetricsJSON
 from callbacks.degeneration import degeneration_reasons, degeneration_stats, repeated_ngram_fraction
 from datamodules import PreferenceDataModule
 from lightning_modules.dpo import DPOModule
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 from lightning_modules.optim import ConstantWithWarmup
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode",  # the frozen reference

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from datamodules.synthetic import SyntheticReward
-from lightning_modules.errors import UserInputError
-from lightning_modules.evaluate import evaluate, markdown_table
+from datamodules.utils.errors import UserInputError
+from lightning_modules.studies.evaluate import evaluate, markdown_table
 
 
 def test_markdown_table_formats_floats_and_strings() -> None:

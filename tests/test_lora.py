@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from callbacks.export_pretrained import export_pretrained
 from datamodules import PreferenceDataModule
 from lightning_modules.dpo import DPOModule
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.lora import LoraSpec, LoRALinear, adapters_disabled, apply_lora, merged_copy
-from lightning_modules.references import AdapterOffReference
+from lightning_modules.models.adapters import LoraSpec, LoRALinear, adapters_disabled, apply_lora, merged_copy
+from lightning_modules.references.providers import AdapterOffReference
 
 SPEC = LoraSpec(r=4, alpha=8.0)
 

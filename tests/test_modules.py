@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from datamodules import PreferenceDataModule, SFTDataModule
 from lightning_modules.dpo import DPOModule
-from lightning_modules.errors import UserInputError
-from lightning_modules.objectives import OBJECTIVES
+from datamodules.utils.errors import UserInputError
+from lightning_modules.objectives import MDPO, OBJECTIVES
 from lightning_modules.optim import LinearWarmupDecay, linear_warmup_decay
-from lightning_modules.references import LiveReference
-from lightning_modules.sft import SFTModule, sft_loss
+from lightning_modules.references.providers import LiveReference
+from lightning_modules.objectives import reduce_nll
+from lightning_modules.sft import SFTModule
 
 LN2 = math.log(2.0)
 BETA = 0.1
@@ -174,7 +175,9 @@ def test_sft_weight_with_average_logps_is_not_divided_twice(assets: Path, batch)
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"objective": "dpo"}, r"model\.objective='dpo' is not one of \[.*'sigmoid'"),
+        ({"objective": "dpo"}, r"model\.objective='dpo' is not an objective; use one of Sigmoid, CDPO, IPO"),
+        ({"objective": MDPO()}, r"takes K references: set model\.reference=cached"),
+        ({"reference_weights": [0.5, 0.5]}, r"model\.reference_weights is set, but model\.objective=Sigmoid\(\) takes one"),
         ({"beta": 0.0}, r"model\.beta must be > 0, got 0\.0"),
         ({"beta": -0.1}, r"model\.beta must be > 0"),
         ({"reference": "frozen"}, r"model\.reference='frozen' is not one of \['live', 'precomputed', 'cached', 'none'\]"),
@@ -274,15 +277,15 @@ def test_sft_sequence_reductions_equal_per_row_hf_losses(assets: Path, sft_batch
         assert loss.item() == pytest.approx(want, abs=1e-5), reduction
 
 
-def test_sft_loss_reductions_by_hand() -> None:
+def test_reduce_nll_reductions_by_hand() -> None:
     logps, counts = torch.tensor([-6.0, -3.0]), torch.tensor([3, 1])
-    assert sft_loss(logps, counts, "token_mean").item() == pytest.approx(9.0 / 4.0)  # Σ nll / Σ tokens
-    assert sft_loss(logps, counts, "sequence_mean").item() == pytest.approx((6.0 / 3 + 3.0 / 1) / 2)  # 2.5
-    assert sft_loss(logps, counts, "sum").item() == pytest.approx((6.0 + 3.0) / 2)  # 4.5
+    assert reduce_nll(logps, counts, "token_mean").item() == pytest.approx(9.0 / 4.0)  # Σ nll / Σ tokens
+    assert reduce_nll(logps, counts, "sequence_mean").item() == pytest.approx((6.0 / 3 + 3.0 / 1) / 2)  # 2.5
+    assert reduce_nll(logps, counts, "sum").item() == pytest.approx((6.0 + 3.0) / 2)  # 4.5
     # Equal lengths: token_mean == sequence_mean == sum / length.
     same = torch.tensor([2, 2])
-    assert sft_loss(logps, same, "token_mean").item() == pytest.approx(sft_loss(logps, same, "sequence_mean").item())
-    assert sft_loss(logps, same, "sum").item() == pytest.approx(2 * sft_loss(logps, same, "token_mean").item())
+    assert reduce_nll(logps, same, "token_mean").item() == pytest.approx(reduce_nll(logps, same, "sequence_mean").item())
+    assert reduce_nll(logps, same, "sum").item() == pytest.approx(2 * reduce_nll(logps, same, "token_mean").item())
 
 
 # --------------------------------------------------------------------- LR schedule

@@ -12,7 +12,7 @@ import pytest
 from datamodules import multiref_split as ms
 from datamodules.multiref_split import StudySplit, filter_pairs, prepare_study_split, sample_and_split
 from datamodules.synthetic import WORDS, train_tokenizer
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 SMALL = {"sample_size": 100, "sizes": (60, 20, 20)}
 

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from lightning_modules.objectives import (
+    CDPO,
+    MRPO,
+    OBJECTIVE_CLASSES,
     OBJECTIVES,
     PreferenceLossOutput,
     nll_loss,
@@ -306,3 +309,31 @@ def test_nll_loss_sum_and_average() -> None:
     close(nll_loss(logps, counts, average=True), [2.0, 0.5])
     with pytest.raises(ValueError, match="token_counts"):
         nll_loss(logps, average=True)
+
+
+# --------------------------------------------------------------------- typed configs
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVE_CLASSES))
+def test_every_registered_objective_has_a_typed_config(name: str) -> None:
+    cls = OBJECTIVE_CLASSES[name]
+    assert cls.name == name and name in OBJECTIVES
+    # the config's constructor arguments are exactly the pure function's options (besides beta, alphas)
+    fn_options = {p.name for p in inspect.signature(OBJECTIVES[name]).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", "alphas")}
+    assert set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"} == fn_options
+    takes_alphas = "alphas" in inspect.signature(OBJECTIVES[name]).parameters
+    assert (cls.reference_shape == "multi") == takes_alphas
+
+
+def test_typed_config_calls_its_function_with_its_options() -> None:
+    assert_same(CDPO(label_smoothing=0.2)(*batch(), beta=BETA),
+                OBJECTIVES["cdpo"](*batch(), beta=BETA, label_smoothing=0.2))
+    g = torch.Generator().manual_seed(1)
+    rc, rr = -10 * torch.rand(2, 3, generator=g), -10 * torch.rand(2, 3, generator=g)
+    alphas = t([0.2, 0.3, 0.5])
+    assert_same(MRPO(clip_epsilon=0.1)(t(PC), t(PR), rc, rr, beta=BETA, alphas=alphas),
+                OBJECTIVES["mrpo"](t(PC), t(PR), rc, rr, beta=BETA, alphas=alphas, clip_epsilon=0.1))
+    assert CDPO(0.1) == CDPO(0.1) != CDPO(0.2) and repr(CDPO(0.1)) == "CDPO(label_smoothing=0.1)"
+    with pytest.raises(ValueError, match="label_smoothing"):  # the function still validates the option
+        CDPO(label_smoothing=0.7)(*batch(), beta=BETA)

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from datamodules import PreferenceDataModule  # noqa: E402
-from lightning_modules.errors import UserInputError  # noqa: E402
+from datamodules.utils.errors import UserInputError  # noqa: E402
 from lightning_modules.logprobs import PairLogps, concatenated_forward  # noqa: E402
-from lightning_modules.quantization import (  # noqa: E402
+from lightning_modules.models.quantization import (  # noqa: E402
     load_reference_model,
     model_memory_bytes,
     quantized_linear_count,

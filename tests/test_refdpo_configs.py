@@ -106,7 +106,7 @@ def test_original_hyperparameters(path):
     config = load(path)
     trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
     assert config["model"]["class_path"] == "lightning_modules.dpo.DPOModule"
-    assert model["objective"] == "sigmoid" and model["beta"] > 0
+    assert model["objective"] == "Sigmoid" and model["beta"] > 0
     assert model["dtype"] == "bfloat16" and model["gradient_checkpointing"] is True
     optimizer = model["optimizer"]
     assert optimizer["class_path"] in ("torch.optim.AdamW", "deepspeed.ops.adam.DeepSpeedCPUAdam")

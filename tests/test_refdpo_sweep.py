@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.refdpo_sweep import collect, plot, run_step
+from lightning_modules.studies.refdpo_sweep import collect, plot, run_step
 
 RUN = {"name": "live_beta_0.1", "group": "live (SFT)", "beta": 0.1}
 

@@ -1,4 +1,4 @@
-"""Cached reference log-probs: `lightning_modules.reference_cache`, the (B, K) batch columns, `reference: cached`.
+"""Cached reference log-probs: `lightning_modules.references.cache_builder`, the (B, K) batch columns, `reference: cached`.
 
 Each test copies a slice of the `assets` pairs into its own folder, so the caches it writes beside
 the data start empty. Expected values come from the live reference's `concatenated_forward` or from
@@ -23,17 +23,18 @@ import transformers
 import yaml
 
 import lightning_modules.dpo as dpo_lib
-import lightning_modules.reference_cache as rc
+import lightning_modules.references.cache_builder as rc
 from conftest import TINY_MODEL
 from datamodules import PreferenceDataModule
 from datamodules.collate import PairCollator
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.dpo import DPOModule
-from lightning_modules.errors import UserInputError
-from lightning_modules.objectives import OBJECTIVES
-from lightning_modules.policy import load_causal_lm
-from lightning_modules.reference_cache import ReferenceSpec, compute_for_datamodule
-from lightning_modules.references import CachedReference, LiveReference
+from datamodules.utils.errors import UserInputError
+from lightning_modules.objectives import MDPO, OBJECTIVES
+from lightning_modules.models.loading import load_causal_lm
+from datamodules.reference_cache import ReferenceSpec
+from lightning_modules.references.cache_builder import compute_for_datamodule
+from lightning_modules.references.providers import CachedReference, LiveReference
 
 LN2 = math.log(2.0)
 pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
@@ -166,8 +167,7 @@ def test_two_references_give_bk_columns_and_run_mdpo(assets: Path, other_assets:
         assert batch[key].shape == (4, 2), key
     assert batch["ref_chosen_logps"].dtype == torch.float32 and batch["ref_chosen_counts"].dtype == torch.long
     assert batch["ref_chosen_counts"][0].tolist() == dm.data["train"][0]["ref_chosen_counts"]  # (K,) item → (B, K)
-    module = DPOModule(str(assets / "model"), objective="mdpo", reference="cached",
-                       objective_options={"alphas": [0.25, 0.75]})
+    module = DPOModule(str(assets / "model"), objective=MDPO(), reference="cached", reference_weights=[0.25, 0.75])
     module.configure_model()
     loss, _ = module.model_step(batch, "train")
     pc, pr = LiveReference(load_causal_lm(str(assets / "model")))(batch)  # the policy's log-probs
@@ -177,7 +177,7 @@ def test_two_references_give_bk_columns_and_run_mdpo(assets: Path, other_assets:
     assert math.isfinite(fit(module, dm, steps=1)[0])
 
     with pytest.raises(UserInputError, match=r"takes one reference, but data.reference_cache lists K=2"):
-        CachedReference(multi=False)(batch)
+        CachedReference(shape="single")(batch)
 
 
 @pytest.mark.parametrize(("dpo_weight", "sft_weight"), [(0.5, 2.0), (0.0, 1.0)])
@@ -210,7 +210,7 @@ def test_second_computation_reuses_the_file(assets: Path, tmp_path: Path, monkey
         raise AssertionError("a reused cache must not run or load the reference")
 
     monkeypatch.setattr(rc, "concatenated_forward", forbidden)
-    monkeypatch.setattr("lightning_modules.policy.load_causal_lm", forbidden)
+    monkeypatch.setattr(rc, "load_causal_lm", forbidden)
     second = compute_for_datamodule(dm)
     assert [r.computed for _, r in second] == [False, False]
     assert [r.path.stat().st_mtime_ns for _, r in second] == stamps
@@ -272,7 +272,7 @@ def test_damaged_cache_is_detected_and_rebuilt(assets: Path, tmp_path: Path, war
 def test_missing_cache_names_the_reference_and_the_command(assets: Path, tmp_path: Path) -> None:
     dm = make_dm(copy_prefs(assets, tmp_path, 4, 2), assets, [ReferenceSpec(str(assets / "model"))])
     with pytest.raises(UserInputError, match=r"reference_cache\[0\] \('.*model'\) has no valid cached log-probs "
-                                             r"for the train split.*python -m lightning_modules.reference_cache"):
+                                             r"for the train split.*python -m lightning_modules.references.cache_builder"):
         dm.setup("fit")
     with pytest.raises(UserInputError, match="set only one"):
         make_dm(tmp_path, assets, [ReferenceSpec("x")], reference_columns=("a", "b"))

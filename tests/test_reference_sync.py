@@ -16,9 +16,9 @@ from callbacks import ReferenceSync
 from callbacks.reference_sync import sync_reference
 from datamodules import PreferenceDataModule
 from lightning_modules.dpo import DPOModule
-from lightning_modules.errors import UserInputError
-from lightning_modules.policy import load_causal_lm
-from lightning_modules.references import ReferenceMode
+from datamodules.utils.errors import UserInputError
+from lightning_modules.models.loading import load_causal_lm
+from lightning_modules.references.providers import ReferenceMode
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")  # the frozen reference
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.padding_benchmark import compare_padding, sample_pair_lengths
+from lightning_modules.studies.padding_benchmark import compare_padding, sample_pair_lengths
 from datamodules.samplers import (
     DistributedLengthGroupedSampler,
     LengthGroupedSampler,

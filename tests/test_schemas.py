@@ -14,7 +14,7 @@ import pytest
 
 from datamodules.schemas import (BAD_ROW_REASONS, REQUIRED_COLUMNS, SCHEMAS, RowStats, detect_schema,
                                  normalize_pair, normalize_prompt, normalize_rows)
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 import hub_fixtures as hf  # tests/ is on sys.path under pytest
 
 CAPITAL, PARIS, LYON = hf.QA[0]

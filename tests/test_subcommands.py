@@ -13,7 +13,7 @@ from test_configs import REPO, write_localized
 from datamodules.synthetic import SyntheticReward
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.cli import main
-from lightning_modules.generation import generate_responses
+from lightning_modules.models.generation import generate_responses
 
 
 @pytest.fixture(autouse=True)

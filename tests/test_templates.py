@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.templates import TEMPLATES, render_prompt, response_eos
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 ONE_TURN = [{"role": "user", "content": "Hi"}]
 TWO_TURNS = [

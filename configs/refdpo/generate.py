@@ -172,7 +172,7 @@ model:
   class_path: lightning_modules.dpo.DPOModule
   init_args:
     model_name_or_path: $model
-    objective: sigmoid                # -log σ(β(Δθ - Δref)), Rafailov et al. 2023 eq. 7
+    objective: Sigmoid                # -log σ(β(Δθ - Δref)), Rafailov et al. 2023 eq. 7
     beta: $beta
     reference: $reference${reference_pad}# $reference_comment
     dtype: bfloat16

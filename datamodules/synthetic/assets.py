@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from datamodules.synthetic.task import FILLER, SyntheticTask, all_prompts
-from lightning_modules.files import default_file_mode, write_jsonl_atomic, write_text_atomic
+from datamodules.utils.files import default_file_mode, write_jsonl_atomic, write_text_atomic
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
 # Zephyr-style: "<|role|>\n{content}" then "</s>\n" after assistant turns, "\n" after the others.

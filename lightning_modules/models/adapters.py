@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
 
 
 @dataclass(frozen=True)

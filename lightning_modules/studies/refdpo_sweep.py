@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from lightning_modules.evaluate import markdown_table
-from lightning_modules.files import write_figure_atomic, write_text_atomic
+from lightning_modules.studies.evaluate import markdown_table
+from datamodules.utils.files import write_figure_atomic, write_text_atomic
 
 DPO_CONFIG = "configs/sweeps/refdpo_dpo.yaml"
 SFT_CONFIG = "configs/sweeps/refdpo_sft.yaml"
@@ -108,7 +108,7 @@ def sweep(config_path: str = "configs/sweeps/refdpo.yaml") -> list[dict[str, Any
                 f"--model.init_args.beta={run['beta']}", *run.get("args", [])]
         if any(a.startswith("--data.init_args.reference_cache") for a in args):
             data_args = [a for a in args if a.startswith("--data.")]  # the cache needs only the data section
-            run_step(f"{run['name']}_cache", ["-m", "lightning_modules.reference_cache", "--config", DPO_CONFIG,
+            run_step(f"{run['name']}_cache", ["-m", "lightning_modules.references.cache_builder", "--config", DPO_CONFIG,
                                               *data_args, "--tokenizer", str(out / "sft" / "export")], None, logs)
         run_step(run["name"], ["-m", "lightning_modules", "fit", *args], out / run["name"] / "metrics.json", logs)
         rows.append(collect(run, out, float((logs / f"{run['name']}.seconds").read_text())))

@@ -1,6 +1,6 @@
 """Evaluate exported policies: greedy generations on held-out prompts, scored by a reward program.
 
-`python -m lightning_modules.evaluate --config configs/quickstart/evaluate.yaml` writes to `out_dir`:
+`python -m lightning_modules.studies.evaluate --config configs/quickstart/evaluate.yaml` writes to `out_dir`:
 `summary.json` (`{name}_reward`, `{name}_length`, and `{name}_val_*` pulled from each policy's
 `MetricsJSON` file), `summary.md` (the table it also prints), `rewards.png` (reward and length
 distributions per policy) and `generations.jsonl` (every prompt, response and reward).
@@ -14,9 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.files import write_figure_atomic, write_jsonl_atomic, write_text_atomic
-from lightning_modules.generation import RewardFn, generate_responses
+from datamodules.utils.errors import UserInputError
+from datamodules.utils.files import write_figure_atomic, write_jsonl_atomic, write_text_atomic
+from lightning_modules.models.generation import RewardFn, generate_responses
 
 
 # MetricsJSON keys copied into the summary as `{policy}_{short name}`; the table shows TABLE_METRICS
@@ -83,7 +83,7 @@ def evaluate(
     """
     from transformers import AutoModelForCausalLM
 
-    from callbacks.generation_reward import load_prompts
+    from datamodules.prompts import load_prompts
     from datamodules.tokenize import load_tokenizer
 
     start = time.perf_counter()

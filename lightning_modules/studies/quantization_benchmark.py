@@ -1,6 +1,6 @@
 """Reference models stored float32 / 8-bit / 4-bit (nf4): memory, speed and log-prob drift (CPU, < 3 min).
 
-    python -m lightning_modules.quantization_benchmark --out runs/reference-quant-bench
+    python -m lightning_modules.studies.quantization_benchmark --out runs/reference-quant-bench
     # or: make reference-quant-bench
 
 Models: the trained demo SFT policy (`runs/demo/sft/export`, the quickstart's DPO reference; its
@@ -11,7 +11,7 @@ drift numbers say how quantization noise propagates, not how a trained model's p
 (Checked once by hand: the 4-bit drift is nf4 weight rounding, not the bf16 activations of bnb's
 CPU kernel; the fp32 dequantize path drifts as much, and float weights run in bf16 drift 3-30x less.)
 
-Per model and quantization (see `lightning_modules.quantization` for what runs on CPU): memory of
+Per model and quantization (see `lightning_modules.models.quantization` for what runs on CPU): memory of
 parameters, buffers and quantization statistics, and its ratio to float32; load time; forward time
 per batch of pairs (after one untimed warm-up batch: 4-bit repacks its weights on the first CPU
 forward); over every validation pair, |Δ logp| vs float32 per sequence (summed over response tokens)
@@ -31,9 +31,9 @@ import torch
 
 from datamodules import PreferenceDataModule
 from datamodules.synthetic import SyntheticTask, build_assets
-from lightning_modules.files import write_figure_atomic, write_text_atomic
+from datamodules.utils.files import write_figure_atomic, write_text_atomic
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.quantization import load_reference_model, model_memory_bytes, quantized_linear_count
+from lightning_modules.models.quantization import load_reference_model, model_memory_bytes, quantized_linear_count
 
 DEMO_MODEL, DEMO_DATA = Path("runs/demo/sft/export"), Path("runs/demo/assets/data/prefs")
 LARGE_MODEL = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048}

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.policy import Dtype, load_causal_lm
+from datamodules.utils.errors import UserInputError
+from lightning_modules.models.loading import Dtype, load_causal_lm
 
 Quantization = Literal["none", "8bit", "4bit"]
 CONFIG_KEY = "model.reference_quantization"

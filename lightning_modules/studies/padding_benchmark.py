@@ -1,6 +1,6 @@
 """How much of a batch is padding, with random batches vs `LengthGroupedSampler` (CPU, seconds).
 
-    python -m datamodules.padding_benchmark --out runs/padding-bench     # or: make padding-bench
+    python -m lightning_modules.studies.padding_benchmark --out runs/padding-bench     # or: make padding-bench
 
 Length model (an assumption, not fitted to downloaded data; no machine here reaches the Hub): a
 preference pair shares one prompt, prompt tokens ~ LogNormal(median 100, σ 1.0) and each of the
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.samplers import LengthGroupedSampler, chunks, padding_fraction
-from lightning_modules.files import write_figure_atomic, write_text_atomic
+from datamodules.utils.files import write_figure_atomic, write_text_atomic
 
 LENGTH_MODEL = {
     "prompt_median": 100, "prompt_sigma": 1.0, "response_median": 200, "response_sigma": 0.8,

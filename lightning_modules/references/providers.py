@@ -7,8 +7,8 @@ Each returns tensors of shape (B,) (or (B, K) for several references). Modes (SP
 - `precomputed`: log-probs already stored in the batch (e.g. RefDPO's `chosen_logprob`).
 - `cached`: the (B, K) columns `ref_chosen_logps` / `ref_rejected_logps` that
   `datamodules.PreferenceDataModule(reference_cache=...)` reads from the cache built by
-  `lightning_modules.reference_cache`; no model, no forward pass. Single-reference objectives get
-  (B,) (K must be 1), multi-reference ones (`mrpo`, `mdpo`) the full (B, K).
+  `lightning_modules.references.cache_builder`; no model, no forward pass. Single-reference objectives get
+  (B,) (K must be 1), multi-reference ones (`reference_shape == "multi"`: MRPO, MDPO) the full (B, K).
 - `none`: reference-free DPO, Δref = 0 (RefDPO's "posterior probability" parameterization).
 """
 
@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.errors import UserInputError
+from datamodules.utils.errors import UserInputError
+from lightning_modules.objectives import ReferenceShape
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.lora import adapters_disabled
+from lightning_modules.models.adapters import adapters_disabled
 
 ReferenceMode = Literal["live", "precomputed", "cached", "none"]
 
@@ -97,10 +98,10 @@ class CachedReference(nn.Module):
 
     forward_calls = 0  # model passes: none, ever (the counter `LiveReference` increments)
 
-    def __init__(self, *, multi: bool = False, average: bool = False):
-        """`multi`: the objective takes (B, K); else K must be 1 and (B,) is returned. `average`: divide by counts."""
+    def __init__(self, *, shape: ReferenceShape = "single", average: bool = False):
+        """`shape`: "multi" returns (B, K); "single" requires K = 1 and returns (B,). `average`: divide by counts."""
         super().__init__()
-        self.multi, self.average = multi, average
+        self.shape, self.average = shape, average
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         chosen, rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
@@ -115,12 +116,12 @@ class CachedReference(nn.Module):
         if self.average:  # each reference divides by its own token counts (SPEC section 1)
             chosen = chosen / batch["ref_chosen_counts"].clamp(min=1)
             rejected = rejected / batch["ref_rejected_counts"].clamp(min=1)
-        if self.multi:
+        if self.shape == "multi":
             return chosen, rejected  # (B, K)
         if chosen.shape[1] != 1:
             raise UserInputError(
                 f"model.objective takes one reference, but data.reference_cache lists K={chosen.shape[1]}; keep one "
-                "reference there, or use a multi-reference objective (mrpo, mdpo) with objective_options.alphas."
+                "reference there, or use a multi-reference objective (MRPO, MDPO) with model.reference_weights."
             )
         return chosen[:, 0], rejected[:, 0]  # (B,)
 

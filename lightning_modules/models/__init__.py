@@ -1,0 +1,1 @@
+"""Model plumbing shared by every method: loading, adapters (peft LoRA / QLoRA), quantization, generation."""

@@ -1,0 +1,1 @@
+"""Studies and benchmarks: every `make` target that writes `runs/<target>/`. Nothing imports them."""
