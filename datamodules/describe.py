@@ -22,7 +22,7 @@ import yaml
 
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import IGNORE_INDEX
-from datamodules.utils.errors import UserInputError
+from datamodules.utils.errors import UserInputError, exit_on_user_error
 
 PERCENTILES = (5, 25, 50, 75, 95, 100)
 
@@ -121,11 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--tokenizer", help="tokenizer path or hub id (default: the config's model)")
     d.add_argument("--json", help="also write the report to this JSON file")
     known, overrides = parser.parse_known_args(args)
-    try:
+    with exit_on_user_error():
         report = describe(build_datamodule(known.config, overrides, known.tokenizer))
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print_report(report)
     if known.json:
         Path(known.json).write_text(json.dumps(report, indent=2))

@@ -14,11 +14,10 @@ import sys
 
 from jsonargparse import set_parsing_settings
 from jsonargparse._common import debug_mode_active
-from omegaconf.errors import OmegaConfBaseException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.text_data import TextDataModule
-from datamodules.utils.errors import UserInputError
+from datamodules.utils.errors import USER_ERROR_EXIT_CODE, exit_on_user_error
 from lightning_modules.policy import PolicyModule
 
 
@@ -38,7 +37,7 @@ class ConciseParser(LightningArgumentParser):
         if not self.exit_on_error or debug_mode_active():
             return super().error(message, ex)
         sys.stderr.write(f"error: {concise(message)}\n(run with --help for every option and its description)\n")
-        self.exit(2)
+        self.exit(USER_ERROR_EXIT_CODE)
 
 
 class PrefOptCLI(LightningCLI):
@@ -53,7 +52,7 @@ def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # `${data.init_args.batch_size}` in a config file means that file's own keys, not `fit.data...`.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    try:
+    with exit_on_user_error():
         return PrefOptCLI(
             model_class=PolicyModule,
             datamodule_class=TextDataModule,
@@ -66,20 +65,3 @@ def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
             args=args,
             run=run,
         )
-    except Exception as error:  # jsonargparse wraps errors raised while instantiating classes
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def find_user_error(error: BaseException | None) -> Exception | None:
-    """The first user error (bad value, bad `${...}` interpolation) in an exception's cause/context chain."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (UserInputError, OmegaConfBaseException)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

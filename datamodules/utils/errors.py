@@ -1,9 +1,45 @@
-"""The one exception type for bad user input (config values, files, rows).
+"""The one exception type for bad user input (config values, files, rows), and the one way it ends a command.
 
-The CLI prints these as a one-paragraph message and exits non-zero, without a traceback;
-anything else is a bug and keeps its traceback.
+Commands wrap their work in `exit_on_user_error()`: a `UserInputError` (or an OmegaConf
+interpolation error) anywhere in an exception's cause/context chain is printed as a one-paragraph
+`error: ...` line and the process exits with status 2, without a traceback. Anything else is a bug
+and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from omegaconf.errors import OmegaConfBaseException
+
+USER_ERROR_EXIT_CODE = 2
 
 
 class UserInputError(ValueError):
     """Bad input from the user: the message names the offending key, file or row."""
+
+
+def find_user_error(error: BaseException | None) -> Exception | None:
+    """The first user error (bad value, bad `${...}` interpolation) in an exception's cause/context chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (UserInputError, OmegaConfBaseException)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Run a command's body; a user error inside becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        yield
+    except Exception as error:  # jsonargparse and Lightning wrap errors raised while building classes
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -133,11 +133,8 @@ def load_reference_model(
         check_bitsandbytes(quantization, device)
         if quantization == "8bit":
             _quiet_int8_cast_warning()
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                     quantization_config=bnb_config(quantization, dtype),
-                                                     device_map={"": device})
-        if model.generation_config is not None and model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = model.config.pad_token_id
+        model = load_causal_lm(name_or_path, dtype=dtype, quantization_config=bnb_config(quantization, dtype),
+                               device_map={"": device})
         if quantization == "4bit" and device.type == "cpu":
             _skip_unsupported_cpu_packing(model)
         quantized, total = quantized_linear_count(model)

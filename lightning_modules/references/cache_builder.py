@@ -29,7 +29,7 @@ from datamodules.reference_cache import (ARRAYS, CachedLogps, ReferenceSpec, cac
                                          pair_key, read_cache, write_cache)
 from datamodules.schemas import normalize_pair
 from datamodules.tokenize import load_tokenizer
-from datamodules.utils.errors import UserInputError
+from datamodules.utils.errors import UserInputError, exit_on_user_error
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.models.loading import load_causal_lm
 
@@ -121,12 +121,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, CacheResult]]:
     parser.add_argument("--batch_size", type=int, default=8, help="pairs per reference forward pass")
     parser.add_argument("--device", help="torch device to score on (default: cuda if available, else cpu)")
     known, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with exit_on_user_error():
         results = compute_for_datamodule(build_datamodule(known.config, overrides, known.tokenizer),
                                          batch_size=known.batch_size, device=known.device)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     for role, r in results:
         print(f"{role:<5} {r.spec.name_or_path}: {r.rows} rows, {r.seconds:.1f} s, "
               f"{'computed' if r.computed else 'reused'} -> {r.path}")

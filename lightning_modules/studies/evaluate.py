@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from datamodules.utils.errors import UserInputError
+from datamodules.utils.errors import UserInputError, exit_on_user_error
 from datamodules.utils.files import write_figure_atomic, write_jsonl_atomic, write_text_atomic
 from lightning_modules.models.generation import RewardFn, generate_responses
 
@@ -130,21 +130,12 @@ def evaluate(
 
 
 def main(args: list[str] | None = None) -> None:
-    import sys
 
     from jsonargparse import auto_cli
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lightning_modules.cli import find_user_error
-
-    try:
+    with exit_on_user_error():
         auto_cli(evaluate, args=args, parser_mode="omegaconf+")
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
