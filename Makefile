@@ -26,17 +26,20 @@ demo: $(STAMP)
 	$(PY) -m lightning_modules fit --config configs/quickstart/dpo.yaml
 	$(PY) -m lightning_modules.studies.evaluate --config configs/quickstart/evaluate.yaml
 
+# Studies: one launch style, `python -m lightning_modules.studies.<name> --config <yaml> [--key=value ...]`;
+# each writes runs/<target>/summary.json, summary.md and a PNG (configs under configs/studies/<target>/).
+
 # β × reference choice on the synthetic task (resumes: delete runs/refdpo-sweep to start over).
 refdpo-sweep: $(STAMP)
-	$(PY) -m lightning_modules.studies.refdpo_sweep configs/sweeps/refdpo.yaml
+	$(PY) -m lightning_modules.studies.refdpo_sweep --config configs/studies/refdpo-sweep/sweep.yaml
 
 # Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
 padding-bench: $(STAMP)
-	$(PY) -m lightning_modules.studies.padding_benchmark --out runs/padding-bench
+	$(PY) -m lightning_modules.studies.padding_benchmark --config configs/studies/padding-bench/padding.yaml
 
 # Reference model float32 vs 8-bit vs 4-bit (nf4) via bitsandbytes: memory, speed, log-prob drift (CPU, ~1 min).
 reference-quant-bench: $(STAMP)
-	$(PY) -m lightning_modules.studies.quantization_benchmark --out runs/reference-quant-bench
+	$(PY) -m lightning_modules.studies.quantization_benchmark --config configs/studies/reference-quant-bench/quantization.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

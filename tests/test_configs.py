@@ -5,8 +5,10 @@ which builds the trainer, the model and the datamodule without fitting. Their in
 the `assets` fixture and every output path (`runs/...`) into `tmp_path`, through a rewritten copy of
 the YAML (`localize`), so nothing is written into the repository. Instantiation must stay cheap:
 weights and tokenizers load only in `configure_model` / `setup`, which this test forbids.
-Evaluation configs go through the parser `lightning_modules.studies.evaluate` builds.
-A config that matches neither fails, so a new kind of config gets an entry point here.
+Study configs (`configs/studies/<target>/*.yaml` that are not training configs, and the demo's
+`configs/quickstart/evaluate.yaml`) go through their study's own parser (`launch.study_parser`), so a
+misspelt key fails here as it would on the command line. A config that matches none fails, so a new
+kind of config gets an entry point here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import datamodules.text_data
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lightning_modules.cli import main
 from lightning_modules.policy import PolicyModule
+from lightning_modules.studies import STUDIES
+from lightning_modules.studies.launch import study_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -92,12 +96,24 @@ def is_data_config(config: dict[str, Any]) -> bool:
     return config.keys() == {"data"}
 
 
-def is_sweep_config(config: dict[str, Any]) -> bool:
-    return {"out_dir", "runs"} <= config.keys()
-
-
 def is_evaluation_config(config: dict[str, Any]) -> bool:
     return {"policies", "prompts_path", "reward"} <= config.keys()
+
+
+def study_of(path: Path, config: dict[str, Any]) -> str | None:
+    """The study module whose parser reads this config: its folder's (configs/studies/<target>/), or evaluate."""
+    parts = path.relative_to(REPO / "configs").parts
+    if parts[0] == "studies" and not is_training_config(config):
+        assert parts[1] in STUDIES, f"{path}: configs/studies/{parts[1]}/ is not a study target of {sorted(STUDIES)}"
+        return STUDIES[parts[1]]
+    return STUDIES["demo"] if is_evaluation_config(config) else None
+
+
+def study_function(module: str):
+    return getattr(importlib.import_module(f"lightning_modules.studies.{module}"), module)
+
+
+STUDY_CONFIGS = [p for p in CONFIGS if study_of(p, yaml.safe_load(p.read_text()))]
 
 
 def under(path: str | Path, root: Path) -> bool:
@@ -145,10 +161,8 @@ def test_config_instantiates(path, assets, tmp_path, no_loading, capsys):
         check_training_config(config, path, assets, tmp_path)
     elif is_data_config(config):
         check_data_config(config, path)
-    elif is_evaluation_config(config):
-        check_evaluation_config(config, path)
-    elif is_sweep_config(config):
-        check_sweep_config(config, capsys)
+    elif study := study_of(path, config):
+        check_study_config(study, config, path, capsys)
     else:
         pytest.fail(f"{path}: no known entry point parses this config; teach tests/test_configs.py about it")
 
@@ -224,27 +238,40 @@ def test_data_config_composes_onto_an_experiment(assets, tmp_path, no_loading):
     assert dm.tokenizer_name_or_path == cli.model.model_name_or_path == str(assets / "model")
 
 
-def check_sweep_config(config: dict[str, Any], capsys) -> None:
+def check_study_config(study: str, config: dict[str, Any], path: Path, capsys) -> None:
+    """Parse with the study's own parser (unknown keys and wrong types fail), build its classes, check per study."""
+    parser = study_parser(study_function(study))
+    init = parser.instantiate(parser.parse_args(["--config", str(path)]))
+    assert set(config) <= set(vars(init)), path
+    if study == "evaluate":
+        assert type(init.reward) is import_class(config["reward"]["class_path"])
+        assert dict(init.policies) == config["policies"]
+    elif study == "refdpo_sweep":
+        check_sweep_runs(init, capsys)
+
+
+def check_sweep_runs(init: Any, capsys) -> None:
     """Every run of a sweep is the sweep's DPO config plus overrides: each must parse with the real CLI."""
-    from lightning_modules.studies.refdpo_sweep import DPO_CONFIG
-
-    names = [run["name"] for run in config["runs"]]
+    names = [run.name for run in init.runs]
     assert len(names) == len(set(names)), "run names must be unique (they name the output folders)"
-    for run in config["runs"]:
+    for run in init.runs:  # `${out_dir}` in a run's args is already resolved here
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(REPO / DPO_CONFIG), f"--model.init_args.beta={run['beta']}",
-                  *run.get("args", []), "--print_config"])
-        assert exit_info.value.code in (0, None), run["name"]
+            main(["fit", "--config", str(REPO / init.dpo_config), f"--model.init_args.beta={run.beta}",
+                  *run.args, "--print_config"])
+        assert exit_info.value.code in (0, None), run.name
         printed = yaml.safe_load(capsys.readouterr().out)
-        assert printed["model"]["init_args"]["beta"] == run["beta"]
+        assert printed["model"]["init_args"]["beta"] == run.beta
 
 
-def check_evaluation_config(config: dict[str, Any], path: Path) -> None:
-    from jsonargparse import auto_parser
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_study_config_with_a_typo_fails(path: Path, tmp_path: Path) -> None:
+    """The same file with one key misspelt (`out_dir` -> `out_dirr`) or one extra key does not parse."""
+    from jsonargparse import ArgumentError
 
-    from lightning_modules.studies.evaluate import evaluate
-
-    parser = auto_parser(evaluate, parser_mode="omegaconf+", exit_on_error=False)
-    init = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
-    assert type(init.reward) is import_class(config["reward"]["class_path"])
-    assert dict(init.policies) == config["policies"]
+    parser = study_parser(study_function(study_of(path, yaml.safe_load(path.read_text()))))
+    text = path.read_text()
+    assert "\nout_dir:" in text
+    for typo in (text.replace("\nout_dir:", "\nout_dirr:"), text + "\nmax_new_tokenz: 3\n"):
+        (tmp_path / path.name).write_text(typo)
+        with pytest.raises(ArgumentError, match=r"out_dirr|max_new_tokenz"):
+            parser.parse_args(["--config", str(tmp_path / path.name)])

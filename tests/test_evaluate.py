@@ -10,17 +10,7 @@ import pytest
 
 from datamodules.synthetic import SyntheticReward
 from datamodules.utils.errors import UserInputError
-from lightning_modules.studies.evaluate import evaluate, markdown_table
-
-
-def test_markdown_table_formats_floats_and_strings() -> None:
-    table = markdown_table([{"policy": "sft", "reward": 0.52345, "acc": "-"}, {"policy": "dpo", "reward": 1.0, "acc": 0.8}])
-    assert table.splitlines() == [
-        "| policy | reward | acc |",
-        "|---|---|---|",
-        "| sft | 0.523 | - |",
-        "| dpo | 1.000 | 0.800 |",
-    ]
+from lightning_modules.studies.evaluate import evaluate, main
 
 
 def test_evaluate_writes_summary_table_plot_and_generations(assets: Path, tmp_path: Path) -> None:
@@ -46,7 +36,10 @@ def test_evaluate_writes_summary_table_plot_and_generations(assets: Path, tmp_pa
     assert "a_val_reward_accuracy" not in summary
     assert json.loads((tmp_path / "out/summary.json").read_text()) == summary
     table = (tmp_path / "out/summary.md").read_text()
-    assert "| b |" in table and "0.750" in table and "val loss" not in table
+    assert table.startswith("# greedy generations on held-out prompts\n")
+    assert "| a | " in table and "| b |" in table and "0.750" in table and "val loss" not in table
+    assert "| policy | mean reward | std | mean length | val reward accuracy | val reward margin |" in table
+    assert table.splitlines()[-2].endswith("| - | - |")  # policy `a` has no metrics file
     assert (tmp_path / "out/rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,3 +47,14 @@ def test_missing_policy_folder_names_it(assets: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"policies\.dpo="):
         evaluate(policies={"dpo": str(tmp_path / "missing")}, prompts_path=str(assets / "data/prompts/test.jsonl"),
                  reward=SyntheticReward(), out_dir=str(tmp_path / "out"))
+
+
+def test_command_line_reports_a_missing_policy_in_one_paragraph(assets: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(f"policies: {{dpo: {tmp_path / 'missing'}}}\nprompts_path: {assets / 'data/prompts/test.jsonl'}\n"
+                      f"reward: {{class_path: datamodules.synthetic.SyntheticReward}}\nout_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: policies.dpo=") and err.count("\n") == 1

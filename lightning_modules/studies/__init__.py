@@ -1,1 +1,17 @@
-"""Studies and benchmarks: every `make` target that writes `runs/<target>/`. Nothing imports them."""
+"""Studies and benchmarks: every `make` target that writes `runs/<target>/`. Nothing outside this package imports them.
+
+Each study is a typed function `<module>.<module>` (its docstring documents every parameter), run
+the one way `launch.run_study` implements:
+
+    python -m lightning_modules.studies.<module> --config <yaml> [--key=value ...]
+
+and reports the one way `report.write_report` implements: `summary.json`, `summary.md`, a PNG.
+"""
+
+# make target -> study module (its configs: configs/studies/<target>/, the demo's: configs/quickstart/evaluate.yaml)
+STUDIES = {
+    "demo": "evaluate",
+    "refdpo-sweep": "refdpo_sweep",
+    "padding-bench": "padding_benchmark",
+    "reference-quant-bench": "quantization_benchmark",
+}

@@ -1,23 +1,28 @@
 """Evaluate exported policies: greedy generations on held-out prompts, scored by a reward program.
 
-`python -m lightning_modules.studies.evaluate --config configs/quickstart/evaluate.yaml` writes to `out_dir`:
-`summary.json` (`{name}_reward`, `{name}_length`, and `{name}_val_*` pulled from each policy's
-`MetricsJSON` file), `summary.md` (the table it also prints), `rewards.png` (reward and length
-distributions per policy) and `generations.jsonl` (every prompt, response and reward).
+    python -m lightning_modules.studies.evaluate --config configs/quickstart/evaluate.yaml   # make demo, step 3
+
+Writes to `out_dir`: `summary.json` (`{name}_reward`, `{name}_length`, and `{name}_val_*` pulled
+from each policy's `MetricsJSON` file), `summary.md` (the table it also prints), `rewards.png`
+(reward and length distributions per policy) and `generations.jsonl` (every prompt, response, reward).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datamodules.utils.errors import UserInputError, exit_on_user_error
-from datamodules.utils.files import write_figure_atomic, write_jsonl_atomic, write_text_atomic
+from datamodules.utils.errors import UserInputError
+from datamodules.utils.files import write_jsonl_atomic
 from lightning_modules.models.generation import RewardFn, generate_responses
+from lightning_modules.studies.launch import run_study
+from lightning_modules.studies.report import new_figure, write_report
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # MetricsJSON keys copied into the summary as `{policy}_{short name}`; the table shows TABLE_METRICS
 # only (`val/loss` means NLL for SFT but the DPO loss for DPO, so it is not one column).
@@ -29,34 +34,18 @@ VAL_METRICS = {
 TABLE_METRICS = ("val_reward_accuracy", "val_reward_margin")
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
-    """A GitHub markdown table from a list of same-keyed dicts (floats shown with 3 decimals)."""
-    headers = list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(row[h]) for h in headers) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def plot_distributions(results: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
-    """Histogram of per-prompt rewards and response lengths, one colour per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
+def plot_distributions(results: dict[str, dict[str, list[float]]], title: str) -> Figure:
+    """Histograms of per-prompt rewards and response lengths, one colour per policy (the figure)."""
+    fig, (ax_r, ax_l) = new_figure(2, title=title)
+    longest = max(max(r["lengths"]) for r in results.values())
     for name, res in results.items():
         label = f"{name} (mean {statistics.fmean(res['rewards']):.2f})"
         ax_r.hist(res["rewards"], bins=20, range=(0, 1), alpha=0.55, label=label)
-        ax_l.hist(res["lengths"], bins=range(0, max(max(r["lengths"]) for r in results.values()) + 2),
-                  alpha=0.55, label=name)
+        ax_l.hist(res["lengths"], bins=range(0, longest + 2), alpha=0.55, label=name)
     ax_r.set(xlabel="reward of greedy generation", ylabel="prompts", title="reward")
     ax_l.set(xlabel="response length (words)", ylabel="prompts", title="length")
     ax_r.legend(), ax_l.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_figure_atomic(fig, path)
+    return fig
 
 
 def evaluate(
@@ -79,7 +68,7 @@ def evaluate(
         metrics: {name: MetricsJSON file} whose validation metrics are copied into the summary.
         max_new_tokens: generation budget per response.
         batch_size: prompts generated per batch.
-        title: plot title.
+        title: report and plot title.
     """
     from transformers import AutoModelForCausalLM
 
@@ -87,8 +76,6 @@ def evaluate(
     from datamodules.tokenize import load_tokenizer
 
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(prompts_path)
     summary: dict[str, float] = {"num_prompts": len(prompts)}
     results: dict[str, dict[str, list]] = {}
@@ -113,29 +100,23 @@ def evaluate(
             if key in logged:
                 summary[f"{name}_{short}"] = logged[key]
             if short in TABLE_METRICS:
-                row[short.replace("_", " ")] = logged.get(key, "-")
+                row[short.replace("_", " ")] = logged.get(key)  # None (no metrics file) shows as "-"
         table.append(row)
         samples += [{"policy": name, "prompt": p, "response": r, "reward": w}
                     for p, r, w in zip(prompts, responses, rewards)]
     summary["eval_seconds"] = round(time.perf_counter() - start, 1)
 
-    md = markdown_table(table)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "summary.md", md + "\n")
-    write_jsonl_atomic(out / "generations.jsonl", samples)
-    plot_distributions(results, out / "rewards.png", title)
-    print(md)
-    print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'rewards.png'}, {out / 'generations.jsonl'}")
+    generations = write_jsonl_atomic(Path(out_dir) / "generations.jsonl", samples)
+    write_report(out_dir, summary, table, plot_distributions(results, title), title=title, figure_name="rewards.png",
+                 intro=f"{len(prompts)} prompts from `{prompts_path}`, greedy decoding, at most {max_new_tokens} "
+                       "new tokens; std is over prompts; val columns come from each policy's metrics file.",
+                 also_wrote=[generations])
     return summary
 
 
 def main(args: list[str] | None = None) -> None:
-
-    from jsonargparse import auto_cli
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with exit_on_user_error():
-        auto_cli(evaluate, args=args, parser_mode="omegaconf+")
+    """Command line: see the module docstring."""
+    run_study(evaluate, args)
 
 
 if __name__ == "__main__":
