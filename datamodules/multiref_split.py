@@ -16,9 +16,6 @@ count is the MAX over the tokenizers, i.e. the count under the longest tokenizer
 
 from __future__ import annotations
 
-import hashlib
-import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from datamodules.tokenize import load_tokenizer
+from datamodules.utils.cache import local_folder_id, params_key, read_checksummed_json, write_checksummed_json
 from datamodules.utils.errors import UserInputError
-from datamodules.utils.files import write_text_atomic
 
 FIELDS = ("prompt", "chosen", "rejected")
 REASONS = ("short_prompt", "short_chosen", "short_rejected", "too_long")
@@ -174,62 +172,37 @@ def sample_and_split(kept: Sequence[int], split: StudySplit) -> dict[str, list[i
 
 def tokenizer_id(name: str) -> str:
     """A cache-key id of a tokenizer: the hub id, or a local folder's path plus a digest of its files."""
-    folder = Path(name)
-    if not folder.is_dir():
-        return name
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.is_file() and (file.name.startswith(TOKENIZER_FILES) or file.suffix in (".model", ".tiktoken")):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return f"{folder.resolve()}#{digest.hexdigest()[:12]}"
+    return local_folder_id(name, _tokenizer_file_entry, digits=12)
 
 
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+def _tokenizer_file_entry(file: Path) -> bytes | None:
+    """Name and content of a tokenizer file (see `TOKENIZER_FILES`); None for the model's other files."""
+    if file.name.startswith(TOKENIZER_FILES) or file.suffix in (".model", ".tiktoken"):
+        return file.name.encode() + b"\0" + file.read_bytes()
+    return None
 
 
 def cache_key(params: dict[str, Any]) -> str:
     """First 16 hex digits of the sha256 of the canonical JSON of ``params``."""
-    return hashlib.sha256(_canonical(params).encode()).hexdigest()[:16]
-
-
-def _checksum(params: dict[str, Any], payload: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of the format tag, the params and the payload."""
-    doc = {"format": CACHE_FORMAT, "params": params, "payload": payload}
-    return hashlib.sha256(_canonical(doc).encode()).hexdigest()
+    return params_key(params)
 
 
 def read_cache(path: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     """The payload of a valid cache for ``params``; None (with a warning unless absent) otherwise."""
-    if not path.exists():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        problem = ("wrong format" if doc.get("format") != CACHE_FORMAT else
-                   "checksum mismatch" if doc.get("checksum") != _checksum(doc.get("params"), doc.get("payload")) else
-                   "parameters differ" if doc["params"] != json.loads(_canonical(params)) else None)
-    except (OSError, ValueError, AttributeError, TypeError) as error:
-        problem = f"unreadable ({type(error).__name__}: {error})"
-    if problem is None:
-        return doc["payload"]
-    warnings.warn(f"study-split cache {path} is invalid ({problem}); rebuilding it", stacklevel=3)
-    return None
+    return read_checksummed_json(path, expected={"format": CACHE_FORMAT, "params": params}, what="study-split cache")
 
 
 def write_cache(path: Path, params: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Write params, payload and their checksum atomically."""
-    doc = {"format": CACHE_FORMAT, "params": params, "payload": payload, "checksum": _checksum(params, payload)}
-    write_text_atomic(path, json.dumps(doc, sort_keys=True) + "\n")
+    """Write params, payload and their checksum atomically (one JSON document)."""
+    write_checksummed_json(path, payload, expected={"format": CACHE_FORMAT, "params": params})
 
 
 def load_tokenizers(names: Sequence[str]) -> list[Any]:
-    """``AutoTokenizer.from_pretrained`` of each name, with a config-naming error on failure."""
-    from transformers import AutoTokenizer
-
+    """`datamodules.tokenize.load_tokenizer` of each name, with a config-naming error on failure."""
     tokenizers = []
     for name in names:
         try:
-            tokenizers.append(AutoTokenizer.from_pretrained(name))
+            tokenizers.append(load_tokenizer(name))
         except (OSError, ValueError) as error:
             raise UserInputError(f"data.study_split.tokenizers: cannot load tokenizer {name!r}: {error}") from error
     return tokenizers
@@ -251,6 +224,8 @@ def _filter_stage(rows: Sequence[dict], split: StudySplit, params: dict[str, Any
 def prepare_study_split(rows: Sequence[dict], split: StudySplit, *, dataset_fingerprint: str,
                         policy_tokenizer: str, cache_dir: Path) -> StudySplitResult:
     """Filter, sample and split ``rows`` (canonical pairs) as in the study; cached, deterministic.
+
+    Both caches are checksummed JSON documents (``datamodules.utils.cache.write_checksummed_json``).
 
     Args:
         rows: ``{"prompt": [messages], "chosen": str, "rejected": str}`` pairs; indices refer to it.

@@ -28,11 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.collate import PairCollator
 from datamodules.loading import cache_dir_for, fingerprint, load_splits
 from datamodules.multiref_split import StudySplit, prepare_study_split
+from datamodules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
 from datamodules.schemas import REQUIRED_COLUMNS, RowStats, detect_schema, normalize_pair
 from datamodules.text_data import TextDataModule
-from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
+from datamodules.tokenize import encode_pair, encode_prompt, end_of_response_ids, pair_columns
 from datamodules.utils.errors import UserInputError
-from datamodules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
 
 
 class PreferenceDataModule(TextDataModule):
@@ -79,13 +79,11 @@ class PreferenceDataModule(TextDataModule):
     def encode(self, example: dict[str, Any]) -> dict[str, Any] | str:
         prompt_ids = encode_prompt(self.tokenizer, example["prompt"], self.template, self.insert_eos)
         end_ids = end_of_response_ids(self.tokenizer, self.template)
-        item: dict[str, Any] = {"truncated": False}
-        for side in ("chosen", "rejected"):
-            encoded = encode_response(self.tokenizer, prompt_ids, example[side], self.max_length, end_ids=end_ids)
-            if encoded.truncated and self.overlength == "drop":
-                return "too_long"
-            item["truncated"] |= encoded.truncated
-            item[f"{side}_input_ids"], item[f"{side}_labels"] = encoded.input_ids, encoded.labels
+        encoded = encode_pair(self.tokenizer, prompt_ids, example, self.max_length, end_ids=end_ids)
+        truncated = any(side.truncated for side in encoded.values())
+        if truncated and self.overlength == "drop":
+            return "too_long"
+        item: dict[str, Any] = {"truncated": truncated, **pair_columns(encoded)}
         if self.reference_cache:  # cached values replace any shipped ones (RefDPO's) in `prepare`
             item["pair_key"] = pair_key(example)
             return item

@@ -10,6 +10,7 @@ a reference model. Rows are looked up by content: a pair's key is the sha256 of 
                          chosen_counts / rejected_counts (N,) int64
     <model>-<key>.json   manifest: format, key fields (params), reference spec, rows, sha256 of
                          the .npz bytes, seconds; written after the .npz, both atomically
+                         (`datamodules.utils.cache.write_checksummed`)
 
 `key` is the sha256 (16 hex digits) of the params: dataset fingerprint of the split, reference
 model id (a local folder adds a digest of its files), template, insert_eos, dtype, unconditional
@@ -19,19 +20,18 @@ unreadable array file or a wrong row count is warned about and treated as missin
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
-from datamodules.utils.files import write_bytes_atomic, write_text_atomic
+from datamodules.tokenize import encode_pair, encode_prompt, end_of_response_ids, pair_columns
+from datamodules.utils.cache import (local_folder_id, params_key, read_checksummed, sha256_hex, warn_invalid,
+                                     write_checksummed)
 
 CACHE_FORMAT = "prefopt.reference_logps/1"
 ARRAYS = ("keys", "chosen_logps", "rejected_logps", "chosen_counts", "rejected_counts")
@@ -72,20 +72,19 @@ class CachedLogps:
 def pair_key(example: dict[str, Any]) -> str:
     """sha256 hex of a canonical pair's (prompt, chosen, rejected): the row's identity in every cache."""
     text = json.dumps([example["prompt"], example["chosen"], example["rejected"]], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_hex(text.encode("utf-8"))
 
 
 def model_id(name_or_path: str) -> str:
     """A hub id as is; a local folder as its resolved path plus a digest of its files (see `SMALL_FILE`)."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return name_or_path
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat = file.stat()
-        body = file.read_bytes() if stat.st_size <= SMALL_FILE else f"{stat.st_size}:{stat.st_mtime_ns}".encode()
-        digest.update(file.name.encode() + b"\0" + body + b"\0")
-    return f"{folder.resolve()}#{digest.hexdigest()[:16]}"
+    return local_folder_id(name_or_path, _model_file_entry, digits=16)
+
+
+def _model_file_entry(file: Path) -> bytes:
+    """A file's name and content (small files) or size and mtime (large ones), NUL-separated."""
+    stat = file.stat()
+    body = file.read_bytes() if stat.st_size <= SMALL_FILE else f"{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return file.name.encode() + b"\0" + body + b"\0"
 
 
 def cache_location(spec: ReferenceSpec, *, dataset_fingerprint: str, max_length: int,
@@ -94,7 +93,7 @@ def cache_location(spec: ReferenceSpec, *, dataset_fingerprint: str, max_length:
     params = {"format": CACHE_FORMAT, "dataset_fingerprint": dataset_fingerprint, "model": model_id(spec.name_or_path),
               "template": spec.template, "insert_eos": spec.insert_eos, "dtype": spec.dtype,
               "unconditional": spec.unconditional, "max_length": int(max_length)}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    key = params_key(params, compact=False)  # json.dumps' default separators: existing cache names stay valid
     stem = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(spec.name_or_path).name) or 'model'}-{key}"
     return params, Path(f"{stem}.npz"), Path(f"{stem}.json")
 
@@ -112,55 +111,37 @@ def encode_for_reference(tokenizer: Any, example: dict[str, Any], spec: Referenc
     else:
         prompt_ids = encode_prompt(tokenizer, example["prompt"], spec.template, spec.insert_eos)
     end_ids = end_of_response_ids(tokenizer, spec.template)
-    item = {}
-    for side in ("chosen", "rejected"):
-        encoded = encode_response(tokenizer, prompt_ids, example[side], max_length, end_ids=end_ids)
-        item[f"{side}_input_ids"], item[f"{side}_labels"] = encoded.input_ids, encoded.labels
-    return item
+    return pair_columns(encode_pair(tokenizer, prompt_ids, example, max_length, end_ids=end_ids))
 
 
 def write_cache(npz_path: Path, manifest_path: Path, params: dict[str, Any], spec: ReferenceSpec,
                 arrays: dict[str, np.ndarray], seconds: float) -> None:
     """Arrays first, manifest (with the arrays' sha256) last, each atomically; a stale manifest is removed first."""
-    manifest_path.unlink(missing_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    data = buffer.getvalue()
-    write_bytes_atomic(npz_path, data)
     manifest = {"format": CACHE_FORMAT, "params": params, "reference": asdict(spec), "rows": len(arrays["keys"]),
-                "arrays": npz_path.name, "sha256": hashlib.sha256(data).hexdigest(), "seconds": round(seconds, 3)}
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                "arrays": npz_path.name, "seconds": round(seconds, 3)}
+    write_checksummed(npz_path, buffer.getvalue(), manifest_path, manifest)
 
 
 def read_cache(npz_path: Path, manifest_path: Path, params: dict[str, Any]) -> CachedLogps | None:
     """A validated cache, or None: absent (silently) or invalid (with a warning naming the problem)."""
-    if not manifest_path.exists():
-        if npz_path.exists():
-            warnings.warn(f"reference cache {npz_path} has no manifest (interrupted write?); treating it as missing",
-                          stacklevel=2)
+    checked = read_checksummed(npz_path, manifest_path, expected={"format": CACHE_FORMAT, "params": params},
+                               what="reference cache")
+    if checked is None:
         return None
-    problem, arrays = None, {}
+    rows = checked.manifest.get("rows")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        data = npz_path.read_bytes() if npz_path.exists() else None
-        if manifest.get("format") != CACHE_FORMAT or manifest.get("params") != params:
-            problem = "its manifest does not match these parameters"
-        elif data is None:
-            problem = "the array file is missing"
-        elif hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-            problem = "checksum mismatch: the array file is not the one the manifest describes"
-        else:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in ARRAYS}
-            if any(a.shape != (manifest.get("rows"),) for a in arrays.values()):
-                shapes = [a.shape for a in arrays.values()]
-                problem = f"row count mismatch (manifest {manifest.get('rows')}, arrays {shapes})"
-    except Exception as error:  # truncated / corrupt zip, bad JSON, missing array: all mean "rebuild"
-        problem = f"unreadable ({type(error).__name__}: {error})"
-    if problem is None:
-        return CachedLogps(arrays)
-    warnings.warn(f"reference cache {manifest_path} is invalid ({problem}); treating it as missing", stacklevel=2)
-    return None
+        with np.load(io.BytesIO(checked.payload), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in ARRAYS}
+    except Exception as error:  # not a zip, a missing array: both mean "rebuild"
+        warn_invalid(manifest_path, f"unreadable ({type(error).__name__}: {error})", what="reference cache")
+        return None
+    if any(a.shape != (rows,) for a in arrays.values()):
+        shapes = [a.shape for a in arrays.values()]
+        warn_invalid(manifest_path, f"row count mismatch (manifest {rows}, arrays {shapes})", what="reference cache")
+        return None
+    return CachedLogps(arrays)
 
 
 def load_reference_cache(spec: ReferenceSpec, *, dataset_fingerprint: str, max_length: int,

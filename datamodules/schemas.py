@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from datamodules.chat import ASSISTANT, ROLES, USER, Message, as_messages, message
+from datamodules.templates import ALPACA_ASSISTANT, ALPACA_EOS, ALPACA_PROMPTER
 from datamodules.utils.errors import UserInputError
 
 SCHEMAS = ("pairs", "messages", "refdpo", "alpacafarm", "hh", "prompts")
@@ -51,7 +53,6 @@ BAD_ROW_REASONS = (
     "prompt_mismatch",  # chosen and rejected do not share the same prompt
     "nan_logprob",  # a reference log-prob that is NaN, infinite, None or not a number
 )
-ROLES = ("system", "user", "assistant")
 # How `detect_schema` recognizes each schema (also the hint in its error message).
 SCHEMA_HINTS = {
     "pairs": "`prompt` + `chosen`/`rejected` strings",
@@ -63,10 +64,9 @@ SCHEMA_HINTS = {
 }
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-PROMPTER, ASSISTANT, EOT = "<|prompter|>", "<|assistant|>", "<|endoftext|>"
+HH_ROLES = {"Human": USER, "Assistant": ASSISTANT}
 
-Messages = list[dict[str, str]]
+Messages = list[Message]
 Side = tuple[Messages, str]  # (prompt turns found on this side, final response)
 
 
@@ -114,15 +114,15 @@ def _messages(value: Any) -> Messages | str:
     if not isinstance(value, list):
         return "not_a_string"
     out = []
-    for message in value:
-        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
+    for turn in value:
+        if not isinstance(turn, Mapping) or turn.get("role") not in ROLES:
             return "wrong_roles"
-        content = message.get("content")
+        content = turn.get("content")
         if content is None:
             return "missing_field"
         if not isinstance(content, str):
             return "not_a_string"
-        out.append({"role": message["role"], "content": content})
+        out.append(message(turn["role"], content))
     return out
 
 
@@ -138,37 +138,42 @@ def _messages_side(row: Mapping[str, Any], key: str) -> Side | str:
     messages = _messages(row.get(key))
     if isinstance(messages, str):
         return messages
-    if not messages or messages[-1]["role"] != "assistant":
+    if not messages or messages[-1]["role"] != ASSISTANT:
         return "wrong_roles"
     return messages[:-1], messages[-1]["content"]
 
 
-def _alpacafarm_side(row: Mapping[str, Any], key: str) -> Side | str:
-    """`alpacafarm`: `<|prompter|>{instruction}<|endoftext|><|assistant|>{response}[<|endoftext|>]`."""
+def _split_at_last(row: Mapping[str, Any], key: str, marker: str) -> tuple[str, str] | str:
+    """`row[key]` cut at its last `marker` into (before, after), or a bad-row reason (no text, no marker)."""
     reason = _field(row, key)
     if reason:
         return reason
-    prefix, marker, response = row[key].rpartition(ASSISTANT)
-    if not marker:
-        return "wrong_roles"
-    instruction = prefix.removeprefix(PROMPTER).removesuffix(EOT)
-    return [{"role": "user", "content": instruction}], response.removesuffix(EOT)
+    prefix, found, response = row[key].rpartition(marker)
+    return (prefix, response) if found else "wrong_roles"
+
+
+def _alpacafarm_side(row: Mapping[str, Any], key: str) -> Side | str:
+    """`alpacafarm`: `<|prompter|>{instruction}<|endoftext|><|assistant|>{response}[<|endoftext|>]`."""
+    split = _split_at_last(row, key, ALPACA_ASSISTANT)
+    if isinstance(split, str):
+        return split
+    prefix, response = split
+    instruction = prefix.removeprefix(ALPACA_PROMPTER).removesuffix(ALPACA_EOS)
+    return as_messages(instruction), response.removesuffix(ALPACA_EOS)
 
 
 def _hh_side(row: Mapping[str, Any], key: str) -> Side | str:
     """`hh`: `\\n\\nHuman: ...\\n\\nAssistant: ...` transcript; the reply follows the last `Assistant:`."""
-    reason = _field(row, key)
-    if reason:
-        return reason
-    prefix, marker, response = row[key].rpartition("\n\nAssistant:")
-    if not marker:
-        return "wrong_roles"
+    split = _split_at_last(row, key, "\n\nAssistant:")
+    if isinstance(split, str):
+        return split
+    prefix, response = split
     parts = HH_TURN.split(prefix)  # [text before the first turn, speaker, content, speaker, content, ...]
     if parts[0].strip():
         return "wrong_roles"
-    prompt = [{"role": HH_ROLES[speaker], "content": content.strip()}
+    prompt = [message(HH_ROLES[speaker], content.strip())
               for speaker, content in zip(parts[1::2], parts[2::2])]
-    if any(turn["role"] == ("user" if i % 2 else "assistant") for i, turn in enumerate(prompt)):
+    if any(turn["role"] == (USER if i % 2 else ASSISTANT) for i, turn in enumerate(prompt)):
         return "wrong_roles"  # turns must alternate, starting with the user
     return prompt, response.strip()
 
@@ -185,7 +190,7 @@ def _sides(schema: str) -> tuple[str, str]:
 def _prompt_column(row: Mapping[str, Any]) -> Messages | str:
     """The `prompt` column as messages (a string is one user turn), or a bad-row reason."""
     prompt = row.get("prompt")
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
+    return as_messages(prompt) if isinstance(prompt, str) else _messages(prompt)
 
 
 def _finish_prompt(turns: Messages, row: Mapping[str, Any]) -> Messages | str:
@@ -194,7 +199,7 @@ def _finish_prompt(turns: Messages, row: Mapping[str, Any]) -> Messages | str:
         turns = _prompt_column(row)
         if isinstance(turns, str):
             return turns
-    if not turns or turns[-1]["role"] != "user":
+    if not turns or turns[-1]["role"] != USER:
         return "wrong_roles"
     return turns
 

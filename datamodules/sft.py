@@ -11,6 +11,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from datamodules.chat import ASSISTANT, USER, as_messages
 from datamodules.collate import SFTCollator
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
@@ -24,14 +25,14 @@ def normalize_sft(row: dict[str, Any], schema: str) -> dict[str, Any] | str:
         messages = row.get("messages")
         if not isinstance(messages, list) or len(messages) < 2:
             return "missing_field"
-        if messages[-1].get("role") != "assistant" or messages[-2].get("role") != "user":
+        if messages[-1].get("role") != ASSISTANT or messages[-2].get("role") != USER:
             return "wrong_roles"
         prompt, response = messages[:-1], messages[-1].get("content")
     else:
         prompt, response = row.get("prompt"), row.get("response")
         if prompt is None or response is None:
             return "missing_field"
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        prompt = as_messages(prompt)
     if not isinstance(response, str) or not all(isinstance(m.get("content"), str) for m in prompt):
         return "not_a_string"
     if not response.strip():

@@ -1,8 +1,9 @@
 """Prompt templates: a message list → the exact text that precedes the response tokens.
 
 A prompt is the conversation before the final answer, `[{"role": "system"|"user"|"assistant",
-"content": str}, ...]`, ending with a user turn. `render_prompt` returns it rendered in one of
-`TEMPLATES`, generation prompt included; `response_eos` gives the marker written after the response.
+"content": str}, ...]`, ending with a user turn, or a plain string (one user turn; see
+`datamodules.chat`). `render_prompt` returns it rendered in one of `TEMPLATES`, generation prompt
+included; `response_eos` gives the marker written after the response.
 
 Worked example: the 2-turn conversation
 
@@ -36,12 +37,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from datamodules.chat import ASSISTANT, ROLES, SYSTEM, USER, Prompt, as_messages
 from datamodules.utils.errors import UserInputError
 
 TEMPLATES = ("auto", "tokenizer", "zephyr", "alpacafarm", "plain")
-ROLES = ("system", "user", "assistant")
 DEFAULT_EOS = "</s>"  # zephyr's end-of-turn marker when no tokenizer is given
-ALPACA_EOS = "<|endoftext|>"
+ALPACA_PROMPTER, ALPACA_ASSISTANT, ALPACA_EOS = "<|prompter|>", "<|assistant|>", "<|endoftext|>"  # AlpacaFarm's markers
 BLANK_LINE = "\n\n"
 
 Messages = Sequence[dict[str, str]]
@@ -79,13 +80,18 @@ def _eos(tokenizer: Any) -> str:
     return eos if eos is not None else DEFAULT_EOS
 
 
+def zephyr_marker(role: str) -> str:
+    """The Zephyr turn marker of a role: `<|user|>` (also a special token of the synthetic tokenizer)."""
+    return f"<|{role}|>"
+
+
 def render_zephyr(messages: Messages, eos: str = DEFAULT_EOS, insert_eos: bool = False) -> str:
     """`<|role|>\\n{content}` + `{eos}\\n` (assistant; all turns with insert_eos) or `\\n`, then `<|assistant|>\\n`."""
     text = ""
     for m in messages:
-        end = eos if insert_eos or m["role"] == "assistant" else ""
-        text += f"<|{m['role']}|>\n{m['content']}{end}\n"
-    return text + "<|assistant|>\n"
+        end = eos if insert_eos or m["role"] == ASSISTANT else ""
+        text += f"{zephyr_marker(m['role'])}\n{m['content']}{end}\n"
+    return text + f"{zephyr_marker(ASSISTANT)}\n"
 
 
 def render_alpacafarm(messages: Messages) -> str:
@@ -95,16 +101,16 @@ def render_alpacafarm(messages: Messages) -> str:
     """
     parts, system = [], []
     for m in messages:
-        if m["role"] == "system":
+        if m["role"] == SYSTEM:
             system.append(m["content"])
-        elif m["role"] == "user":
+        elif m["role"] == USER:
             content = BLANK_LINE.join([*system, m["content"]])
             system = []
-            parts.append(f"<|prompter|>{content}{ALPACA_EOS}<|assistant|>")
+            parts.append(f"{ALPACA_PROMPTER}{content}{ALPACA_EOS}{ALPACA_ASSISTANT}")
         else:
             parts.append(f"{m['content']}{ALPACA_EOS}")
     if system:  # a system message with no user turn after it becomes a prompter turn of its own
-        parts.append(f"<|prompter|>{BLANK_LINE.join(system)}{ALPACA_EOS}<|assistant|>")
+        parts.append(f"{ALPACA_PROMPTER}{BLANK_LINE.join(system)}{ALPACA_EOS}{ALPACA_ASSISTANT}")
     return "".join(parts)
 
 
@@ -113,17 +119,19 @@ def render_plain(messages: Messages) -> str:
     return BLANK_LINE.join(m["content"] for m in messages) + "\n"
 
 
-def render_prompt(messages: Messages, *, template: str = "auto", tokenizer: Any = None,
+def render_prompt(prompt: Prompt | Messages, *, template: str = "auto", tokenizer: Any = None,
                   insert_eos: bool = False) -> str:
-    """The text before the response tokens (generation prompt included) for `messages` in `template`.
+    """The text before the response tokens (generation prompt included) for `prompt` in `template`.
 
     Args:
-        messages: the conversation before the final answer, ending with a user turn.
+        prompt: the conversation before the final answer, ending with a user turn; a plain
+            string is one user turn (`render_prompt("Hi")` == `"<|user|>\\nHi\\n<|assistant|>\\n"`).
         template: one of TEMPLATES (see the module docstring for each one's exact output).
         tokenizer: needed for `tokenizer` (its chat template); gives zephyr's eos (default `</s>`).
         insert_eos: zephyr only: also close system and user turns with eos (RefDPO's option).
     """
     resolved = resolve_template(template, tokenizer)
+    messages = as_messages(prompt)
     _check_messages(messages)
     if resolved == "tokenizer":
         if not has_chat_template(tokenizer):

@@ -8,31 +8,25 @@ recent turns and the generation prompt survive). `encode_response` reports wheth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+from datamodules.chat import Prompt
+from datamodules.templates import render_prompt, response_eos
 
-from datamodules.templates import render_prompt as render_template
-from datamodules.templates import response_eos
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-Prompt = str | list[dict[str, str]]
-
-
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """A prompt given as a plain string is one user turn."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, template: str = "auto",
-                  insert_eos: bool = False) -> str:
-    """The text before the response: the prompt in `template` (see `datamodules.templates`)."""
-    return render_template(as_messages(prompt), template=template, tokenizer=tokenizer, insert_eos=insert_eos)
+"""The label of positions no loss is taken on (prompt, padding); the one definition, also used by the models."""
+PAIR_SIDES = ("chosen", "rejected")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, template: str = "auto",
                   insert_eos: bool = False) -> list[int]:
-    """Render and tokenize a prompt (special tokens as the tokenizer adds them, e.g. BOS)."""
-    return tokenizer(render_prompt(tokenizer, prompt, template, insert_eos), add_special_tokens=True)["input_ids"]
+    """Render `prompt` in `template` (`datamodules.templates.render_prompt`) and tokenize it, special tokens
+    as the tokenizer adds them (e.g. BOS)."""
+    text = render_prompt(prompt, template=template, tokenizer=tokenizer, insert_eos=insert_eos)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 @dataclass
@@ -79,11 +73,36 @@ def encode_response(
     )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained` (hub id or local folder) with a pad token guaranteed."""
-    from transformers import AutoTokenizer
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The one pad-token fix-up: a tokenizer without a pad token pads with its EOS token. Returns `tokenizer`.
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    Padding positions are masked (attention 0, label IGNORE_INDEX), so which id pads does not matter.
+    """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], example: dict[str, Any], max_length: int,
+                *, end_ids: list[int] | None = None) -> dict[str, Encoded]:
+    """Both responses of a pair (`example["chosen"]`, `example["rejected"]`) after the same prompt ids.
+
+    Each side gets `encode_response`'s truncation policy on its own; keys are "chosen", "rejected".
+    """
+    return {side: encode_response(tokenizer, prompt_ids, example[side], max_length, end_ids=end_ids)
+            for side in PAIR_SIDES}
+
+
+def pair_columns(encoded: dict[str, Encoded]) -> dict[str, list[int]]:
+    """`{chosen,rejected}_input_ids` and `{chosen,rejected}_labels` of an `encode_pair` result (the collator's rows)."""
+    columns = {}
+    for side, enc in encoded.items():
+        columns[f"{side}_input_ids"], columns[f"{side}_labels"] = enc.input_ids, enc.labels
+    return columns
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` (hub id or local folder) with a pad token guaranteed (`ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))

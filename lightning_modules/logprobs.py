@@ -1,8 +1,8 @@
 """Per-sequence log-probabilities of response tokens, and the one concatenated forward.
 
 Conventions (SPEC section 1): `logp(y|x)` sums the log-probabilities of the *response* tokens only;
-prompt and padding positions carry the label `IGNORE_INDEX` (-100) and are masked out. With
-`average=True` the sum is divided by that sequence's own count of response tokens.
+prompt and padding positions carry the label `IGNORE_INDEX` (-100, from `datamodules.tokenize`) and are
+masked out. With `average=True` the sum is divided by that sequence's own count of response tokens.
 
 Batch layout consumed by `concatenated_forward` (built by `datamodules.collate.PairCollator`)::
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from datamodules.tokenize import IGNORE_INDEX
 
 
 def sequence_logps(

@@ -16,7 +16,8 @@ from datasets import Dataset
 
 from datamodules import PreferenceDataModule, SFTDataModule
 from datamodules.collate import PairCollator, SFTCollator
-from datamodules.tokenize import IGNORE_INDEX, encode_prompt, encode_response, load_tokenizer, render_prompt
+from datamodules.templates import render_prompt
+from datamodules.tokenize import IGNORE_INDEX, encode_prompt, encode_response, ensure_pad_token, load_tokenizer
 from datamodules.utils.errors import UserInputError
 
 PAIR_KEYS = {f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")}
@@ -61,18 +62,18 @@ PREF_ROWS = [
 
 
 def test_render_prompt_uses_chat_template(tok) -> None:
-    assert render_prompt(tok, "count 1 to 3") == "<|user|>\ncount 1 to 3\n<|assistant|>\n"
+    assert render_prompt("count 1 to 3", tokenizer=tok) == "<|user|>\ncount 1 to 3\n<|assistant|>\n"
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count 1 to 3"}]
-    assert render_prompt(tok, messages) == "<|system|>\nbe brief\n<|user|>\ncount 1 to 3\n<|assistant|>\n"
+    assert render_prompt(messages, tokenizer=tok) == "<|system|>\nbe brief\n<|user|>\ncount 1 to 3\n<|assistant|>\n"
 
 
 def test_render_prompt_without_chat_template_falls_back_to_zephyr(assets: Path) -> None:
     plain = load_tokenizer(str(assets / "model"))
     plain.chat_template = None
-    assert render_prompt(plain, "count 1 to 3") == "<|user|>\ncount 1 to 3\n<|assistant|>\n"  # auto -> zephyr
+    assert render_prompt("count 1 to 3", tokenizer=plain) == "<|user|>\ncount 1 to 3\n<|assistant|>\n"  # auto -> zephyr
     two_turns = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
-    assert render_prompt(plain, two_turns, template="zephyr", insert_eos=True) == "<|system|>\na</s>\n<|user|>\nb</s>\n<|assistant|>\n"
-    assert render_prompt(plain, two_turns, template="plain") == "a\n\nb\n"
+    assert render_prompt(two_turns, template="zephyr", tokenizer=plain, insert_eos=True) == "<|system|>\na</s>\n<|user|>\nb</s>\n<|assistant|>\n"
+    assert render_prompt(two_turns, template="plain", tokenizer=plain) == "a\n\nb\n"
 
 
 def test_encode_prompt_tokenizes_the_rendering(tok) -> None:
@@ -80,6 +81,14 @@ def test_encode_prompt_tokenizes_the_rendering(tok) -> None:
     assert ids == tok(chat("count 1 to 3"))["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|user|>")
     assert ids[-2:] == tok.convert_tokens_to_ids(["<|assistant|>", "Ċ"])  # generation prompt ends it
+
+
+def test_ensure_pad_token_pads_with_eos_only_when_missing(assets: Path) -> None:
+    fresh = load_tokenizer(str(assets / "model"))
+    assert ensure_pad_token(fresh) is fresh and fresh.pad_token == "<pad>"  # has its own: kept
+    fresh.pad_token = None
+    assert fresh.pad_token_id is None
+    assert ensure_pad_token(fresh).pad_token == "</s>" and fresh.pad_token_id == fresh.eos_token_id
 
 
 def test_encode_response_masks_prompt_and_labels_response_plus_eos(tok) -> None:

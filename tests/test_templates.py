@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from datamodules.chat import as_messages
 from datamodules.templates import TEMPLATES, render_prompt, response_eos
 from datamodules.utils.errors import UserInputError
 
@@ -123,3 +124,9 @@ def test_response_eos(tok) -> None:
     assert response_eos("alpacafarm", alpaca_tok) == "<|endoftext|>"
     assert response_eos("zephyr", None) == "</s>"
     assert response_eos("alpacafarm", None) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("template", TEMPLATES[2:])
+def test_a_string_prompt_is_one_user_turn(template) -> None:
+    assert render_prompt("Hi", template=template) == render_prompt(ONE_TURN, template=template)
+    assert as_messages("Hi") == ONE_TURN and as_messages(TWO_TURNS) is TWO_TURNS

@@ -20,24 +20,27 @@ Prompts in the data files are raw instructions; apply the tokenizer's chat templ
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from datamodules.chat import ROLES, USER, message
 from datamodules.synthetic.task import FILLER, SyntheticTask, all_prompts
-from datamodules.utils.files import default_file_mode, write_jsonl_atomic, write_text_atomic
+from datamodules.templates import DEFAULT_EOS, render_zephyr, zephyr_marker
+from datamodules.utils.cache import files_manifest_problem, invalidate, write_files_manifest
+from datamodules.utils.files import default_file_mode, write_jsonl_atomic
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
-# Zephyr-style: "<|role|>\n{content}" then "</s>\n" after assistant turns, "\n" after the others.
+ROLE_TOKENS: tuple[str, ...] = tuple(zephyr_marker(role) for role in ROLES)  # <|system|> <|user|> <|assistant|>
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", DEFAULT_EOS, "<unk>", *ROLE_TOKENS)
+# Zephyr-style (`datamodules.templates.render_zephyr`): "<|role|>\n{content}" then "</s>\n" after
+# assistant turns, "\n" after the others.
 # Newlines are string literals because HF renders templates with trim_blocks=True.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -54,9 +57,12 @@ DEFAULT_MODEL_KWARGS: dict[str, int] = {
 
 
 def chat_text(prompt: str, response: str | None = None) -> str:
-    """The chat-template rendering of one user turn (and the assistant's answer if given)."""
-    text = f"<|user|>\n{prompt}\n<|assistant|>\n"
-    return text if response is None else f"{text}{response}</s>\n"
+    """The chat-template rendering of one user turn (and the assistant's answer if given).
+
+    `chat_text("count 1 to 3", "1 2 3")` == `"<|user|>\\ncount 1 to 3\\n<|assistant|>\\n1 2 3</s>\\n"`.
+    """
+    text = render_zephyr([message(USER, prompt)], eos=DEFAULT_EOS)
+    return text if response is None else f"{text}{response}{DEFAULT_EOS}\n"
 
 
 def tokenizer_corpus() -> list[str]:
@@ -90,10 +96,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=DEFAULT_EOS,
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        extra_special_tokens=list(ROLE_TOKENS),
         padding_side="right",
         chat_template=CHAT_TEMPLATE,
     )
@@ -132,10 +138,6 @@ def build_tiny_model(
     return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _save_model_dir(model_dir: Path, tokenizer: PreTrainedTokenizerFast, model: LlamaForCausalLM) -> None:
     """``save_pretrained`` into a temp dir beside ``model_dir``, then move each file in atomically."""
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -152,18 +154,6 @@ def _save_model_dir(model_dir: Path, tokenizer: PreTrainedTokenizerFast, model: 
             os.replace(tmp / name, model_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _is_cached(out_dir: Path, params: dict[str, Any]) -> bool:
-    """True when ``manifest.json`` has exactly ``params`` and every listed file matches its sha256."""
-    try:
-        manifest = json.loads((out_dir / "manifest.json").read_text())
-        files = manifest["files"]
-        return manifest["params"] == params and bool(files) and all(
-            (out_dir / rel).is_file() and _sha256(out_dir / rel) == digest for rel, digest in files.items()
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def build_assets(
@@ -191,11 +181,11 @@ def build_assets(
         "n_pref": n_pref, "n_val": n_val, "label_noise": label_noise, "vocab_size": vocab_size,
         "model_kwargs": {**DEFAULT_MODEL_KWARGS, **(model_kwargs or {})},
     }  # fmt: skip
-    if not force and _is_cached(out, params):
+    if not force and files_manifest_problem(out / "manifest.json", out, expected={"params": params}) is None:
         print(f"[synthetic] {out}: cached assets match the manifest, nothing to do")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
+    invalidate(out / "manifest.json")
 
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
     print(f"[synthetic] tokenizer: byte-level BPE, {len(tokenizer)} tokens")
@@ -218,7 +208,6 @@ def build_assets(
         print(f"[synthetic] {rel}: {len(rows)} rows")
 
     files = sorted([f"model/{p.name}" for p in (out / "model").iterdir() if p.is_file()] + list(data))
-    manifest = {"params": params, "n_params": n_params, "files": {rel: _sha256(out / rel) for rel in files}}
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_files_manifest(out / "manifest.json", out, files, {"params": params, "n_params": n_params})
     print(f"[synthetic] manifest: {len(files)} files checksummed -> {out / 'manifest.json'}")
     return out

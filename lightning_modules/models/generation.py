@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from datamodules.tokenize import render_prompt
+from datamodules.templates import render_prompt
 
 # A reward program or model: (prompts, responses) -> one float per response.
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -39,7 +39,8 @@ def generate_responses(
     responses: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, p, template, insert_eos) for p in prompts[start : start + batch_size]]
+            texts = [render_prompt(p, template=template, tokenizer=tokenizer, insert_eos=insert_eos)
+                     for p in prompts[start : start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
             sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
             out = model.generate(
