@@ -22,6 +22,7 @@ setup(
         "numpy==2.4.6",
         "bitsandbytes==0.50.2",
         "accelerate==1.15.0",
+        "peft==0.21.2",  # LoRA / QLoRA policies (lightning_modules/models/adapters.py)
     ],
     extras_require={
         "dev": ["pytest==9.2.0"],

@@ -6,17 +6,18 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from torch import nn
 
-from lightning_modules.models.adapters import lora_layers, merged_copy
+from lightning_modules.models.adapters import has_adapters, merged_copy
 
 
 def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
     """Write model + tokenizer to `dirpath` atomically: a temp folder renamed into place at the end.
 
-    A LoRA policy is exported with its adapters merged, as a plain model that `from_pretrained` loads.
+    A LoRA / QLoRA policy (peft) is exported with its adapters merged into a copy of its base
+    (`adapters.merged_copy`; a 4-bit base is dequantized to float first), as a plain float model that
+    `from_pretrained` loads: no adapter files, no quantization config. `model` itself is not changed.
     """
-    if isinstance(model, nn.Module) and any(True for _ in lora_layers(model)):
+    if has_adapters(model):
         model = merged_copy(model)
     target = Path(dirpath)
     tmp = target.with_name(target.name + ".tmp")

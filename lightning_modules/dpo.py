@@ -96,7 +96,8 @@ class DPOModule(PolicyModule):
         if self.reference is not None:
             return
         if self.reference_mode == "live" and self.lora is not None and self.reference_name_or_path is None \
-                and self.reference_quantization == "none":  # a LoRA policy's reference is its base model
+                and self.reference_quantization in ("none", self.lora.base_quantization):
+            # a LoRA policy's reference is its own base model, float or (QLoRA) 4-bit: adapters off, no copy
             self.reference = AdapterOffReference(self.policy, average=self.average_logps)
         elif self.reference_mode == "live":
             source = self.reference_name_or_path or self.model_name_or_path

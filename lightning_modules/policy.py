@@ -11,12 +11,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from lightning_modules.models.generation import generate_with_datamodule
 from lightning_modules.models.loading import Dtype, load_causal_lm
-from lightning_modules.models.adapters import LoraSpec, apply_lora
+from lightning_modules.models.adapters import LoraSpec, load_lora_policy
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -46,7 +47,7 @@ class PolicyModule(L.LightningModule):
             dtype: dtype the policy weights are loaded in.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
             generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
-            lora: train low-rank adapters on a frozen base instead of all weights (r, alpha, dropout, target_modules).
+            lora: train LoRA adapters (peft) on a frozen base instead of all weights; base_quantization: 4bit is QLoRA.
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -56,14 +57,16 @@ class PolicyModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.generation = dict(generation or {})
         self.lora = lora
-        self.policy: PreTrainedModel | None = None
+        self.policy: PreTrainedModel | PeftModel | None = None  # PeftModel with `lora`
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
-        if self.lora is not None:
-            apply_lora(self.policy, self.lora)
+        if self.lora is None:
+            self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
+        else:  # a peft PeftModelForCausalLM: called, `.generate`d and `.device`d like the HF model it wraps
+            device = self.trainer.strategy.root_device if self._trainer is not None else None  # 4-bit base only
+            self.policy = load_lora_policy(self.model_name_or_path, self.lora, dtype=self.dtype_name, device=device)
         # from_pretrained returns eval mode and Lightning keeps module modes: train with dropout as configured.
         self.policy.train()
         if self.gradient_checkpointing:

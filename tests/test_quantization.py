@@ -137,3 +137,43 @@ def test_dpo_module_with_a_quantized_live_reference(assets, level) -> None:
     assert loss.item() != pytest.approx(math.log(2), abs=1e-7)  # the reference really is a different (quantized) model
     assert loss.item() == pytest.approx(math.log(2), abs=0.05)  # ... but close to the policy it was made from
     assert not any(p.grad is not None for p in module.reference.parameters())
+
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose down_proj (in_features 128: two 64-weight blocks per row) takes bnb's fused CPU kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    path = tmp_path_factory.mktemp("wide") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_4bit_state_dict_round_trip(wide_model) -> None:
+    """`state_dict()` (each checkpoint) leaves a CPU 4-bit model intact, and loads strictly into a fresh one.
+
+    bnb 0.50.2 alone fails both: saving a layer repacked for the fused AVX512-BF16 kernel scrambles its
+    absmax blocks (logits moved by 2e-2 on this model), and loading rejects the absmax /
+    code-book keys it saved.
+    """
+    import bitsandbytes.functional as F
+
+    model = load_reference_model(str(wide_model), quantization="4bit", device="cpu")
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert getattr(down.weight.quant_state, "packing_format_for_cpu", False) == F.has_avx512bf16()
+        state = model.state_dict()
+        torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)
+    fresh = load_reference_model(str(wide_model), quantization="4bit", device="cpu")
+    key = "model.layers.0.mlp.down_proj.weight.absmax"
+    fresh.load_state_dict({**state, key: state[key] * 2}, strict=True)
+    torch.testing.assert_close(fresh.model.layers[0].mlp.down_proj.weight.quant_state.absmax, state[key] * 2)
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, logits, rtol=0, atol=1e-6)  # the kernel's bf16 absmax kept

@@ -1,23 +1,45 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021) on a frozen causal LM, and its adapters-off reference.
+"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) policies through peft, and their adapters-off reference.
 
-`W x` becomes `W x + (α/r)·B A x` with `A` (r × in) random, `B` (out × r) zero, so a freshly
-adapted policy equals its base model exactly. Only `A` and `B` train. With adapters disabled the
-policy *is* the base model, which is the DPO reference of a LoRA policy: no second copy of the
-weights (SPEC section 3). `merged_copy` folds `(α/r)·B A` into `W` for `save_pretrained`.
+    policy = load_lora_policy("runs/demo/sft/export", LoraSpec(r=16, alpha=32))   # a peft PeftModelForCausalLM
+    with adapters_disabled(policy):                                              # ... run as its base model
+        logps = concatenated_forward(policy, batch)
+
+peft replaces every target linear layer `W` by `W x + (α/r)·B A x` with `A` (r × in, Kaiming-uniform)
+and `B` (out × r) zero, so a freshly adapted policy equals its base model exactly. Only `A` and `B`
+train (peft freezes the rest). With adapters disabled (peft's `disable_adapter()`) the policy *is*
+its base model, which is the DPO reference of a LoRA policy: no second copy of the weights (SPEC
+section 3). The returned `PeftModelForCausalLM` is called, `.generate`s and reports `.device` like the
+Hugging Face model it wraps, but its own `save_pretrained` writes only the adapter: export with
+`merged_copy` (a plain model with the adapters folded in).
+
+QLoRA (`LoraSpec.base_quantization: 4bit`): the base is loaded with its linear layers stored nf4
+through bitsandbytes (`quantization.load_quantized_causal_lm`), then `peft.prepare_model_for_kbit_training`
+(freezes the base and casts fp16/bf16 *non*-quantized parameters, i.e. embeddings, norms and the tied
+output head, to float32 for stable training; the nf4 weights stay 4-bit, so memory still shrinks;
+with `dtype: float32` it only freezes), then LoRA on top. On CPU the quantized layers never use bnb's
+fused AVX512-BF16 kernel: see `quantization.load_quantized_causal_lm(cpu_fused_kernel=False)`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
-from torch import Tensor, nn
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import PreTrainedModel
 
 from datamodules.utils.errors import UserInputError
+from lightning_modules.models.loading import Dtype, load_causal_lm
+from lightning_modules.models.quantization import load_quantized_causal_lm
+
+BaseQuantization = Literal["none", "4bit"]
+QUANTIZATION_KEY = "model.lora.base_quantization"
 
 
 @dataclass(frozen=True)
@@ -31,70 +53,111 @@ class LoraSpec:
     dropout: float = 0.0
     """Dropout on the adapter's input."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    """Names (last path component) of the nn.Linear layers to adapt."""
+    """Names (last path component) of the linear layers to adapt."""
+    base_quantization: BaseQuantization = "none"
+    """none: base weights in dtype; 4bit: nf4 via bitsandbytes (QLoRA), and the DPO reference is that 4-bit base."""
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update; `enabled=False` gives the base layer."""
-
-    def __init__(self, base: nn.Linear, spec: LoraSpec):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scaling = spec.alpha / spec.r
-        self.lora_A = nn.Parameter(torch.empty(spec.r, base.in_features, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.r, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.enabled = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        if self.enabled:
-            out = out + self.scaling * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
-        return out
-
-    def merged_weight(self) -> Tensor:
-        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    """The peft `LoraConfig` of `spec` (B = 0 at init: a fresh policy equals its base)."""
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def lora_layers(model: nn.Module) -> Iterator[LoRALinear]:
-    return (m for m in model.modules() if isinstance(m, LoRALinear))
+def apply_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
+    """Freeze `model` and wrap it (in place: its target layers are replaced) in a peft LoRA `PeftModel`."""
+    try:
+        return get_peft_model(model, lora_config(spec))
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        if "not found" not in str(error):
+            raise
+        raise UserInputError(f"model.lora.target_modules={list(spec.target_modules)} match no linear layer "
+                             f"of the model ({error})") from error
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Freeze `model` and wrap every target `nn.Linear` in a `LoRALinear` (in place)."""
-    model.requires_grad_(False)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in spec.target_modules]
-    if not targets:
-        raise UserInputError(f"model.lora.target_modules={list(spec.target_modules)} match no nn.Linear of the model")
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, LoRALinear(module, spec))
-    return model
+def load_lora_policy(
+    name_or_path: str,
+    spec: LoraSpec,
+    *,
+    dtype: Dtype = "float32",
+    device: str | torch.device | None = None,
+) -> PeftModel:
+    """Load the base model (float, or nf4 for QLoRA) and put fresh LoRA adapters on it.
+
+    Args:
+        name_or_path: hub id or local folder of the base (HF `from_pretrained` layout).
+        spec: adapter shape and the base's storage (`spec.base_quantization`).
+        dtype: dtype of the float base, or of the 4-bit base's float parts and compute.
+        device: where a 4-bit base is quantized (bitsandbytes quantizes while loading); default
+            `quantization.default_device()`. Ignored for a float base (loads on CPU, moves with the module).
+    """
+    if spec.base_quantization not in get_args(BaseQuantization):
+        raise UserInputError(f"{QUANTIZATION_KEY}: {spec.base_quantization!r} is not one of "
+                             f"{list(get_args(BaseQuantization))}")
+    if spec.base_quantization == "none":
+        return apply_lora(load_causal_lm(name_or_path, dtype=dtype), spec)
+    base = load_quantized_causal_lm(name_or_path, quantization=spec.base_quantization, dtype=dtype, device=device,
+                                    config_key=QUANTIZATION_KEY, cpu_fused_kernel=False)
+    # Gradient checkpointing is left to PolicyModule (`gradient_checkpointing`), not forced on here.
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return apply_lora(base, spec)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (a LoRA / QLoRA policy)."""
+    return isinstance(model, PeftModel)
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` as its base model (all adapters off) inside the block."""
-    layers = list(lora_layers(model))
-    previous = [layer.enabled for layer in layers]
-    for layer in layers:
-        layer.enabled = False
-    try:
+    """Run `model` as its base model (all adapters off) inside the block; a model without adapters is unchanged."""
+    with model.disable_adapter() if has_adapters(model) else nullcontext():
         yield model
-    finally:
-        for layer, state in zip(layers, previous):
-            layer.enabled = state
 
 
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every adapter folded into its base weight and plain `nn.Linear` layers again."""
-    merged = copy.deepcopy(model)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, LoRALinear):
-            with torch.no_grad():
-                module.base.weight.copy_(module.merged_weight())
-            parent_name, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name) if parent_name else merged, child, module.base)
+def has_4bit_base(model: nn.Module) -> bool:
+    """Whether `model` holds bitsandbytes 4-bit weights (two nf4 codes per uint8 byte): a QLoRA policy."""
+    return any(p.dtype == torch.uint8 for p in model.parameters())
+
+
+def merged_copy(model: PeftModel) -> PreTrainedModel:
+    """A plain HF model equal to `model` with every adapter folded into its base weight; `model` is not touched.
+
+    Float base: a deep copy, then peft's `merge_and_unload` (W ← W + (α/r)·B A). 4-bit (QLoRA) base:
+    merging into the nf4 layers would re-quantize W + (α/r)·B A (lossy, and the result would still
+    be a bitsandbytes model), so the merge happens in a float copy instead: see `dequantized_base`.
+    """
+    if not has_4bit_base(model):
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        config = copy.deepcopy(model.peft_config[model.active_adapter])
+        float_model = get_peft_model(dequantized_base(model), config)
+        set_peft_model_state_dict(float_model, get_peft_model_state_dict(model))  # the trained A, B
+        merged = float_model.merge_and_unload()
     return merged.requires_grad_(True)
+
+
+def dequantized_base(model: PeftModel) -> PreTrainedModel:
+    """A float (CPU) copy of the 4-bit base of `model`, in the 4-bit layers' compute dtype (PolicyModule's `dtype`).
+
+    The architecture and the float parts (embeddings, norms, output head: frozen, never quantized)
+    are loaded again from the base's `name_or_path`; every nf4 linear weight is then overwritten by
+    its dequantization (nf4 code × block absmax). So the merged export is the model that was
+    trained and whose adapters-off forward was the reference (up to float rounding), not the
+    original float checkpoint plus adapters fitted to the quantized one.
+    """
+    import bitsandbytes as bnb
+
+    base = model.get_base_model()
+    quantized = {name.removesuffix(".base_layer"): layer for name, layer in base.named_modules()
+                 if isinstance(layer, bnb.nn.Linear4bit)}
+    dtype = next(iter(quantized.values())).compute_dtype or torch.float32
+    float_model = load_causal_lm(base.name_or_path, dtype=str(dtype).removeprefix("torch."))
+    with torch.no_grad():
+        for name, layer in quantized.items():
+            state = layer.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # bnb's fused-CPU layout, never used for QLoRA
+                raise RuntimeError(f"{name}: 4-bit weight is in bitsandbytes' packed CPU layout; cannot dequantize")
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, state)
+            float_model.get_submodule(name).weight.copy_(weight.to("cpu", dtype))
+    return float_model

@@ -1,4 +1,5 @@
-"""Frozen reference models, optionally stored 8-bit or 4-bit (nf4) through bitsandbytes (SPEC section 3).
+"""Frozen reference models, optionally stored 8-bit or 4-bit (nf4) through bitsandbytes (SPEC section 3), and
+the 4-bit base of a QLoRA policy.
 
     model = load_reference_model("runs/demo/sft/export", quantization="4bit")
     logps = concatenated_forward(model, batch)          # same helper as the policy
@@ -23,6 +24,10 @@ So CPU 4-bit numbers include bf16 activation rounding on top of nf4 weight round
 is the same code with `device="cuda:N"`; it was not exercised on this CPU-only machine. Embeddings
 and norms stay in `dtype`. Callers keep the model outside any DeepSpeed engine (ZeRO cannot shard
 bitsandbytes tensors) and must not cast it with `.to(dtype)` (that would break the int8 / nf4 storage).
+
+A QLoRA policy's base (`adapters.load_lora_policy`) loads through the same `load_quantized_causal_lm`
+but is trained through, so none of its layers takes the fused CPU kernel (`cpu_fused_kernel=False`):
+its CPU forward is always nf4 -> compute dtype + `F.linear`, with autograd, in train and eval alike.
 """
 
 from __future__ import annotations
@@ -59,22 +64,22 @@ def bnb_config(quantization: Quantization, dtype: Dtype = "float32") -> BitsAndB
     return None
 
 
-def check_bitsandbytes(quantization: Quantization, device: torch.device) -> None:
-    """Raise `UserInputError` unless bitsandbytes can quantize (and multiply) on `device`.
+def check_bitsandbytes(quantization: Quantization, device: torch.device, config_key: str = CONFIG_KEY) -> None:
+    """Raise `UserInputError` (naming `config_key`) unless bitsandbytes can quantize (and multiply) on `device`.
 
     Imports bitsandbytes, checks its version for CPU use, and runs the op the layers will need on a
     64 x 64 tensor, so an unsupported backend fails here with a message instead of mid-training.
     """
-    hint = f"set {CONFIG_KEY}: none (float reference), or run where bitsandbytes supports {device.type}"
+    hint = f"set {config_key}: none (float weights), or run where bitsandbytes supports {device.type}"
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
     except Exception as error:  # ImportError, or a broken native library raising at import
-        raise UserInputError(f"{CONFIG_KEY}: {quantization} needs bitsandbytes, which failed to import "
+        raise UserInputError(f"{config_key}: {quantization} needs bitsandbytes, which failed to import "
                              f"({type(error).__name__}: {error}); {hint}") from error
     version = tuple(int(part) for part in bnb.__version__.split(".")[:2] if part.isdigit())
     if device.type == "cpu" and version < MIN_BNB_CPU:
-        raise UserInputError(f"{CONFIG_KEY}: {quantization} on CPU needs bitsandbytes >= "
+        raise UserInputError(f"{config_key}: {quantization} on CPU needs bitsandbytes >= "
                              f"{'.'.join(map(str, MIN_BNB_CPU))}, found {bnb.__version__}; {hint}")
     try:
         weight = torch.randn(64, 64, device=device)
@@ -84,7 +89,7 @@ def check_bitsandbytes(quantization: Quantization, device: torch.device) -> None
             packed, state = F.quantize_4bit(weight, quant_type="nf4")
             F.dequantize_4bit(packed, state)
     except Exception as error:
-        raise UserInputError(f"{CONFIG_KEY}: bitsandbytes {bnb.__version__} cannot run {quantization} "
+        raise UserInputError(f"{config_key}: bitsandbytes {bnb.__version__} cannot run {quantization} "
                              f"quantization on {device} ({type(error).__name__}: {error}); {hint}") from error
 
 
@@ -108,6 +113,50 @@ def _quiet_int8_cast_warning() -> None:
         bnb_logger.addFilter(_DropRepeats("MatMul8bitLt: inputs will be cast"))
 
 
+def load_quantized_causal_lm(
+    name_or_path: str,
+    *,
+    quantization: Literal["8bit", "4bit"],
+    dtype: Dtype = "float32",
+    device: str | torch.device | None = None,
+    config_key: str = CONFIG_KEY,
+    cpu_fused_kernel: bool = True,
+) -> PreTrainedModel:
+    """A causal LM whose linear layers (all but the output head) bitsandbytes stores int8 / nf4 on `device`.
+
+    Mode and `requires_grad` are left as `from_pretrained` returns them. Used by the frozen reference
+    (`load_reference_model`) and by the QLoRA policy's base (`adapters.load_lora_policy`).
+
+    Args:
+        name_or_path: hub id or local folder (HF `from_pretrained` layout).
+        quantization: "8bit" (LLM.int8) or "4bit" (nf4, block size 64); see the module docstring.
+        dtype: dtype of the float parts (embeddings, norms, output head) and the 4-bit compute dtype.
+        device: where quantized weights are created (bitsandbytes quantizes while loading); default
+            `default_device()`.
+        config_key: the config option named in errors (bitsandbytes missing or unable to run on `device`).
+        cpu_fused_kernel: let 4-bit layers of a supported shape repack for bnb's fused AVX512-BF16 CPU
+            kernel (inference only). False for a base that trains (QLoRA): see `_skip_unsupported_cpu_packing`.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    check_bitsandbytes(quantization, device, config_key)
+    import bitsandbytes as bnb  # after the check, which turns a failing import into a UserInputError
+
+    if quantization == "8bit":
+        _quiet_int8_cast_warning()
+    model = load_causal_lm(name_or_path, dtype=dtype, quantization_config=bnb_config(quantization, dtype),
+                           device_map={"": device})
+    if quantization == "4bit":
+        for layer in model.modules():
+            if isinstance(getattr(layer, "weight", None), bnb.nn.Params4bit):  # checkpoints: see the two hooks
+                layer.register_state_dict_pre_hook(_unpack_before_saving)
+                layer.register_load_state_dict_pre_hook(_load_4bit_statistics)
+        if device.type == "cpu":
+            _skip_unsupported_cpu_packing(model, every_layer=not cpu_fused_kernel)
+    quantized, total = quantized_linear_count(model)
+    log.info("%s: %d of %d linear layers stored %s on %s", name_or_path, quantized, total, quantization, device)
+    return model
+
+
 def load_reference_model(
     name_or_path: str,
     *,
@@ -129,38 +178,83 @@ def load_reference_model(
     if quantization == "none":
         model = load_causal_lm(name_or_path, dtype=dtype)
     else:
-        device = torch.device(device) if device is not None else default_device()
-        check_bitsandbytes(quantization, device)
-        if quantization == "8bit":
-            _quiet_int8_cast_warning()
-        model = load_causal_lm(name_or_path, dtype=dtype, quantization_config=bnb_config(quantization, dtype),
-                               device_map={"": device})
-        if quantization == "4bit" and device.type == "cpu":
-            _skip_unsupported_cpu_packing(model)
-        quantized, total = quantized_linear_count(model)
-        log.info("reference %s: %d of %d linear layers stored %s on %s", name_or_path, quantized, total,
-                 quantization, device)
+        model = load_quantized_causal_lm(name_or_path, quantization=quantization, dtype=dtype, device=device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def _skip_unsupported_cpu_packing(model: nn.Module) -> int:
-    """Keep 4-bit layers whose shape bnb's fused CPU kernel cannot take on the dequantize path.
+def _skip_unsupported_cpu_packing(model: nn.Module, *, every_layer: bool = False) -> int:
+    """Keep 4-bit layers off bnb's fused CPU kernel: those of a shape it cannot take, or all (`every_layer`).
 
-    bitsandbytes 0.50 repacks a `Linear4bit` for its AVX512-BF16 kernel on the first CPU forward
-    and fails (`shape '[32, 0]' is invalid`) unless out_features % 32 == 0 and in_features is a
-    multiple of the 64-weight block. Such layers instead dequantize nf4 -> compute dtype + `F.linear`
-    (bnb's generic `gemm_4bit`), still from the 4-bit storage. Returns how many layers were switched.
+    bitsandbytes 0.50 repacks a `Linear4bit` for its AVX512-BF16 kernel on the first CPU forward in
+    eval mode under no_grad, and fails (`shape '[32, 0]' is invalid`) unless out_features % 32 == 0
+    and in_features is a multiple of the 64-weight block. Such layers instead dequantize nf4 ->
+    compute dtype + `F.linear` (bnb's generic `gemm_4bit`), still from the 4-bit storage.
+
+    `every_layer` is for a base that trains (QLoRA): the repacking happens *in place* (new layout,
+    absmax cast to bf16), so after one eval pass (the adapters-off reference, generation) the train
+    forward of a repacked layer runs `gemv_4bit`, which has no autograd kernel; torch only warns
+    ("an autograd kernel was not registered ... silently incorrect behavior") and the gradient
+    through that layer to earlier adapters is wrong (15-60% relative error measured on the tiny
+    test model). Returns how many layers were switched.
     """
     switched = 0
     for layer in model.modules():
         state = getattr(getattr(layer, "weight", None), "quant_state", None)
         if getattr(layer, "support_avx512bf16_for_cpu", False) and state is not None:
-            if layer.out_features % 32 or layer.in_features % state.blocksize:
+            if every_layer or layer.out_features % 32 or layer.in_features % state.blocksize:
                 layer.support_avx512bf16_for_cpu = False
                 switched += 1
     return switched
+
+
+def _unpack_cpu_4bit(layer: nn.Module) -> None:
+    """Return a 4-bit layer repacked for bnb's fused CPU kernel to the canonical layout (no-op otherwise).
+
+    bitsandbytes 0.50.2's own inverse (`_convert_weight_packed_for_cpu_inverse`, run by
+    `Linear4bit._save_to_state_dict`) restores the codes but, without double quantization, leaves
+    absmax in the kernel's (in/64, out) bf16 layout; the next forward then repacks it as if it were
+    (out, in/64) and scrambles the blocks of every layer with in_features > 64. Here absmax goes back
+    to the canonical flat (out · in/64,) float32 order too (keeping the kernel's bf16 rounding).
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    state = layer.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    absmax = state.absmax.T.reshape(-1).float()  # (in/64, out) -> (out, in/64), flattened
+    layer.weight.data, state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    if not state.nested:  # a nested state had its absmax re-quantized correctly by the inverse
+        state.absmax = absmax
+    layer.weight.quant_state = state
+
+
+def _unpack_before_saving(layer: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """`state_dict` pre-hook of a 4-bit layer: unpack correctly before bnb's `_save_to_state_dict` would, wrongly.
+
+    Without it, every `state_dict()` (each Lightning checkpoint) of a CPU 4-bit reference that has run
+    on the fused kernel silently corrupts the live model (see `_unpack_cpu_4bit`).
+    """
+    _unpack_cpu_4bit(layer)
+
+
+def _load_4bit_statistics(layer: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook of a 4-bit layer: take the quantization statistics saved beside its weight.
+
+    bitsandbytes 0.50.2 `Linear4bit` saves `weight.absmax`, `weight.quant_map` and
+    `weight.quant_state.bitsandbytes__nf4` but has no loader for them, so a strict `load_state_dict`
+    (a Lightning checkpoint of a QLoRA policy or of a 4-bit reference) fails on unexpected keys. The
+    packed codes load as the `weight` parameter; the block absmax and the code book are copied into
+    the layer's quant state; the packed metadata (shape, dtype, block size) is fixed by the layer and
+    dropped. `bnb_config` uses no double quantization, so there are no `weight.nested_*` keys.
+    """
+    _unpack_cpu_4bit(layer)
+    targets = {"absmax": layer.weight.quant_state.absmax, "quant_map": layer.weight.quant_state.code}
+    for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+        value = state_dict.pop(key)
+        if key.removeprefix(prefix + "weight.") in targets:
+            targets[key.removeprefix(prefix + "weight.")].copy_(value)
 
 
 def quantized_linear_count(model: nn.Module) -> tuple[int, int]:

@@ -50,10 +50,12 @@ class LiveReference(nn.Module):
 
 
 class AdapterOffReference(nn.Module):
-    """The reference of a LoRA policy: the same model with its adapters disabled (no second copy).
+    """The reference of a LoRA / QLoRA policy: the same peft model with its adapters disabled (no second copy).
 
-    The policy is held without registering it as a submodule, so the reference neither owns nor
-    switches the mode of the policy's weights.
+    Runs in eval mode under no_grad inside `adapters_disabled` (peft's `disable_adapter()`), then
+    restores the policy's mode. For QLoRA it is the 4-bit base. The policy is held without
+    registering it as a submodule, so the reference neither owns nor switches the mode of the
+    policy's weights.
     """
 
     def __init__(self, policy: nn.Module, *, average: bool = False):
