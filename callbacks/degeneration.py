@@ -23,9 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.prompts import load_prompts
+from callbacks.heldout_generation import HeldOutGeneration
 from datamodules.utils.errors import UserInputError
-from lightning_modules.models.generation import generate_with_datamodule
 
 def repeated_ngram_fraction(text: str, n: int = 4) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one: 1 − unique / total (0 if none).
@@ -65,7 +64,7 @@ def training_loss(outputs: Any) -> torch.Tensor | None:
     return outputs if isinstance(outputs, torch.Tensor) else None
 
 
-class DegenerationDetector(L.Callback):
+class DegenerationDetector(HeldOutGeneration):
     """Flags NaN losses during training and repetitive or runaway greedy generations at validation."""
 
     def __init__(self, prompts_path: str, num_prompts: int = 32, max_new_tokens: int = 64, ngram: int = 4,
@@ -87,16 +86,13 @@ class DegenerationDetector(L.Callback):
         if not 0.0 <= max_repeat_fraction <= 1.0 or not 0.0 < max_length_fraction <= 1.0:
             raise UserInputError(f"DegenerationDetector: max_repeat_fraction must be in [0, 1] and max_length_fraction "
                                  f"in (0, 1], got {max_repeat_fraction}, {max_length_fraction}")
-        self.prompts_path = prompts_path
-        self.num_prompts = num_prompts
-        self.max_new_tokens = max_new_tokens
+        super().__init__(prompts_path, num_prompts, max_new_tokens)
         self.ngram = ngram
         self.max_repeat_fraction = max_repeat_fraction
         self.max_length_fraction = max_length_fraction
         self.stop_training = stop_training
         self.reasons: list[str] = []
         self.responses: list[str] = []  # the latest validation generations, for inspection
-        self._prompts: list | None = None
 
     @property
     def degenerate(self) -> bool:
@@ -128,10 +124,7 @@ class DegenerationDetector(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self._prompts is None:
-            self._prompts = load_prompts(self.prompts_path, self.num_prompts)
-        self.responses = generate_with_datamodule(trainer, pl_module.policy, self._prompts,
-                                                  max_new_tokens=self.max_new_tokens)
+        self.responses = self.generate(trainer, pl_module)
         lengths = [len(trainer.datamodule.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.responses]
         options = dict(max_new_tokens=self.max_new_tokens, ngram=self.ngram,
                        max_length_fraction=self.max_length_fraction)

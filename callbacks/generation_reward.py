@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import lightning as L
 
-from datamodules.prompts import load_prompts
-from lightning_modules.models.generation import RewardFn, generate_with_datamodule
+from callbacks.heldout_generation import HeldOutGeneration
+from lightning_modules.models.generation import RewardFn
 
 
-class GenerationReward(L.Callback):
+class GenerationReward(HeldOutGeneration):
     """Greedy generations on held-out prompts, scored by `reward`, every validation epoch."""
 
     def __init__(self, reward: RewardFn, prompts_path: str, num_prompts: int = 64, max_new_tokens: int = 32,
@@ -26,25 +26,20 @@ class GenerationReward(L.Callback):
             max_new_tokens: generation budget per response.
             num_samples_logged: prompt/response pairs written to TensorBoard as text.
         """
+        super().__init__(prompts_path, num_prompts, max_new_tokens)
         self.reward = reward
-        self.prompts_path = prompts_path
-        self.num_prompts = num_prompts
-        self.max_new_tokens = max_new_tokens
         self.num_samples_logged = num_samples_logged
-        self._prompts: list | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self._prompts is None:
-            self._prompts = load_prompts(self.prompts_path, self.num_prompts)
-        responses = generate_with_datamodule(trainer, pl_module.policy, self._prompts, max_new_tokens=self.max_new_tokens)
-        rewards = list(self.reward(self._prompts, responses))
+        responses = self.generate(trainer, pl_module)
+        rewards = list(self.reward(self.prompts, responses))
         lengths = [len(r.split()) for r in responses]
         pl_module.log("val/generation/reward", sum(rewards) / len(rewards), sync_dist=True)
         pl_module.log("val/generation/length", sum(lengths) / len(lengths), sync_dist=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             lines = [f"**{p}** → `{r}` (reward {w:.2f})" for p, r, w in
-                     zip(self._prompts, responses, rewards)][: self.num_samples_logged]
+                     zip(self.prompts, responses, rewards)][: self.num_samples_logged]
             experiment.add_text("val/generation/samples", "\n\n".join(lines), trainer.global_step)

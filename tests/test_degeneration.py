@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import callbacks.degeneration as degeneration
+import callbacks.heldout_generation as heldout_generation
 from callbacks import DegenerationDetector, MetricsJSON
 from callbacks.degeneration import degeneration_reasons, degeneration_stats, repeated_ngram_fraction
 from datamodules import PreferenceDataModule
@@ -137,8 +137,8 @@ def count_generations(monkeypatch) -> list[int]:
         calls.append(1)
         return generate(*args, **kwargs)
 
-    generate = degeneration.generate_with_datamodule
-    monkeypatch.setattr(degeneration, "generate_with_datamodule", counted)
+    generate = heldout_generation.generate_with_datamodule
+    monkeypatch.setattr(heldout_generation, "generate_with_datamodule", counted)
     return calls
 
 
@@ -170,7 +170,7 @@ def test_small_learning_rate_is_not_flagged(assets: Path, tmp_path: Path, count_
 def test_repetitive_generations_are_flagged(assets: Path, tmp_path: Path, monkeypatch) -> None:
     """The tiny model does not loop in words, so the repetition path is driven by crafted generations."""
     looping = lambda trainer, model, prompts, **kwargs: ["yes yes yes yes yes yes yes"] * len(prompts)  # noqa: E731
-    monkeypatch.setattr(degeneration, "generate_with_datamodule", looping)
+    monkeypatch.setattr(heldout_generation, "generate_with_datamodule", looping)
     detector = DegenerationDetector(str(assets / "data" / "prompts" / "test.jsonl"), num_prompts=4)
     _, metrics = dpo_fit(assets, tmp_path, lr=1e-3, detector=detector, max_epochs=1)
     assert detector.reasons == ["repetition"]  # 7 words, 4 four-grams, 1 unique: 3/4 repeat

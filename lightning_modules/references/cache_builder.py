@@ -58,7 +58,7 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict[
     items = [encode_for_reference(tokenizer, ex, spec, max_length) for ex in examples]
     order = sorted(range(len(items)), key=lambda i: -max(len(items[i]["chosen_input_ids"]),
                                                           len(items[i]["rejected_input_ids"])))
-    collate = PairCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collate = PairCollator(tokenizer.pad_token_id)  # load_tokenizer sets a pad token
     out = {name: np.zeros(len(items), dtype=np.float32 if "logps" in name else np.int64) for name in ARRAYS[1:]}
     for start in tqdm(range(0, len(order), batch_size), desc=f"reference {spec.name_or_path}", unit="batch"):
         rows = order[start:start + batch_size]
