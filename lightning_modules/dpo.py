@@ -142,6 +142,7 @@ class DPOModule(PolicyModule):
 
     # The reference is rebuilt from its source, so checkpoints hold the policy only.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]

@@ -3,22 +3,36 @@
 Loads a Hugging Face causal LM (`from_pretrained`, so a hub id and a local folder take the same path)
 in `configure_model` (so DeepSpeed ZeRO-3 can shard it), builds the injected optimizer and LR
 schedule, and logs metric dicts as `stage/name`. Subclasses implement `model_step(batch, stage)`.
+
+Every training run also gets, from `lightning_modules/runtime`: the non-finite guard (a NaN/inf
+loss or gradient norm on any rank skips the step on every rank), the resume contract's RNG states
+in checkpoints, and a checkpoint plus a non-zero exit on SIGTERM / SIGINT. Subclasses that override
+`on_save_checkpoint` / `on_load_checkpoint` call `super()`.
 """
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from datamodules.utils.errors import UserInputError
 from lightning_modules.models.generation import generate_with_datamodule
 from lightning_modules.models.loading import Dtype, load_causal_lm
 from lightning_modules.models.adapters import LoraSpec, load_lora_policy
+from lightning_modules.runtime import rng
+from lightning_modules.runtime.guard import NonFiniteGuard
+from lightning_modules.runtime.rng import RNGRestore
+from lightning_modules.runtime.signals import StopSignals, TrainingInterrupted
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
+
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     """AdamW, lr 1e-5, no weight decay: overridden by every shipped config."""
@@ -37,6 +51,7 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         generation: dict[str, Any] | None = None,
         lora: LoraSpec | None = None,
+        max_nonfinite_steps: int = 5,
     ):
         """Shared arguments.
 
@@ -48,6 +63,7 @@ class PolicyModule(L.LightningModule):
             gradient_checkpointing: recompute activations in the backward pass to save memory.
             generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
             lora: train LoRA adapters (peft) on a frozen base instead of all weights; base_quantization: 4bit is QLoRA.
+            max_nonfinite_steps: stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient (0 = never).
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -57,6 +73,12 @@ class PolicyModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.generation = dict(generation or {})
         self.lora = lora
+        if max_nonfinite_steps < 0:
+            raise UserInputError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        self.guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
+        self._rng_restore = RNGRestore()
+        self._stop_signals = StopSignals()
+        self._skipped_loss = False
         self.policy: PreTrainedModel | PeftModel | None = None  # PeftModel with `lora`
 
     def configure_model(self) -> None:
@@ -70,7 +92,7 @@ class PolicyModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps module modes: train with dropout as configured.
         self.policy.train()
         if self.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            self.policy.activation_checkpointing_enable()
             self.policy.config.use_cache = False
 
     def configure_optimizers(self):
@@ -92,8 +114,71 @@ class PolicyModule(L.LightningModule):
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.items() if name != "loss"}, **options)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step_and_log(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        loss = self._step_and_log(batch, "train")
+        self._skipped_loss = self._on_any_rank(not bool(torch.isfinite(loss.detach()).all()))
+        if self._skipped_loss:
+            self._record_step(bad=True, what="loss")
+            return None  # every rank returns None: no backward, so no gradient and no parameter update
+        return loss
+
+    # ---- the non-finite guard, the resume contract and stop signals (lightning_modules/runtime) -------------------
+    def _on_any_rank(self, flag: bool) -> bool:
+        """True when `flag` holds on any rank (one all-reduce under DDP), so every rank takes the same branch."""
+        trainer = self._trainer
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False)) if trainer is not None else flag
+
+    def _record_step(self, *, bad: bool, what: str) -> None:
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+        self.guard.record(bad, step=self.global_step + 1, what=what, lr=lr)
+        self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update (drop every gradient) when the gradient norm is non-finite on any rank."""
+        if self._skipped_loss:  # Lightning still steps the optimizer after a None loss; nothing has a gradient
+            self._skipped_loss = False
+            return
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        bad = self._on_any_rank(not bool(torch.isfinite(norm)))
+        if bad:
+            for p in self.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient untouched
+        self._record_step(bad=bad, what="gradient norm")
+
+    def on_train_start(self) -> None:
+        # After Lightning registered its own handlers, whose teardown restores the pre-fit ones on every exit path.
+        self._stop_signals.install()
+
+    def on_train_end(self) -> None:
+        self._stop_signals.uninstall()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._rng_restore.apply(self.global_rank)  # first batch after resuming: the saved RNG states
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """On SIGTERM / SIGINT (any rank): write a checkpoint after this step, then exit 128 + signal."""
+        received = self._stop_signals.received
+        if not self._on_any_rank(received is not None):
+            return
+        trainer = self.trainer
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.log_dir or ".") / "checkpoints"
+        path = str(Path(folder) / f"interrupted-step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        signum = received or signal.SIGTERM
+        rank_zero_warn(f"{signal.Signals(signum).name} received: stopped after step {trainer.global_step} and wrote "
+                       f"{path}; resume with --ckpt_path {path}")
+        raise TrainingInterrupted(signum, path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["prefopt"] = {"rng_states": rng.collect(), "guard": self.guard.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("prefopt", {})
+        self._rng_restore.load(state.get("rng_states"))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step_and_log(batch, "val")
