@@ -20,7 +20,6 @@ install: $(STAMP)
 
 # Quickstart: synthetic assets -> SFT -> DPO (reference = SFT policy) -> greedy-generation evaluation.
 demo: $(STAMP)
-	rm -rf runs/demo/sft runs/demo/dpo runs/demo/tensorboard
 	$(PY) -m datamodules.synthetic build --out runs/demo/assets
 	$(PY) -m lightning_modules fit --config configs/quickstart/sft.yaml
 	$(PY) -m lightning_modules fit --config configs/quickstart/dpo.yaml

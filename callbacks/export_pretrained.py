@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
 
+from datamodules.utils.files import default_dir_mode, default_file_mode
 from lightning_modules.models.adapters import has_adapters, merged_copy
+from lightning_modules.runtime.run_dir import resolve_in_run_dir
 
 
 def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
-    """Write model + tokenizer to `dirpath` atomically: a temp folder renamed into place at the end.
+    """Write model + tokenizer so that `dirpath` is, at every instant, either the old export or the new one.
+
+    The files go to a fresh sibling folder `.<name>-<random>`; `dirpath` is then a symlink switched to
+    it with one atomic `os.replace`, and the previous folder is removed. A kill at any moment leaves
+    a complete export at `dirpath` (or none yet). Files get the permissions a plain `open` would give
+    (`save_pretrained` can leave 0600), and the tokenizer is saved with right padding (generation
+    switches it to left padding while it runs).
 
     A LoRA / QLoRA policy (peft) is exported with its adapters merged into a copy of its base
     (`adapters.merged_copy`; a 4-bit base is dequantized to float first), as a plain float model that
@@ -20,20 +30,48 @@ def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
     if has_adapters(model):
         model = merged_copy(model)
     target = Path(dirpath)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    content = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(content)
+        if tokenizer is not None:
+            side = tokenizer.padding_side
+            tokenizer.padding_side = "right"
+            try:
+                tokenizer.save_pretrained(content)
+            finally:
+                tokenizer.padding_side = side
+        content.chmod(default_dir_mode())
+        for file in content.rglob("*"):
+            file.chmod(default_dir_mode() if file.is_dir() else default_file_mode())
+        previous = _swap_in(content, target)
+    except BaseException:
+        shutil.rmtree(content, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return target
+
+
+def _swap_in(content: Path, target: Path) -> Path | None:
+    """Point `target` (a symlink) at `content` atomically; return the folder it pointed at before, if any."""
+    previous = None
+    if target.is_symlink():
+        previous = target.parent / os.readlink(target)
+    elif target.exists():  # an export folder written by an older version: move it aside first
+        previous = target.with_name(f".{target.name}-previous-{os.getpid()}")
+        target.rename(previous)
+    link = target.with_name(f".{target.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    link.symlink_to(content.name, target_is_directory=True)
+    try:
+        os.replace(link, target)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        if previous is not None and not target.exists() and not target.is_symlink():
+            previous.rename(target)  # put a moved-aside older export back
+        raise
+    return previous
 
 
 class ExportPretrained(L.Callback):
@@ -43,13 +81,13 @@ class ExportPretrained(L.Callback):
         """Export location.
 
         Args:
-            dirpath: folder receiving config.json, model weights and tokenizer files.
+            dirpath: folder receiving config.json, weights and tokenizer files; a relative path is inside the run directory.
         """
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            path = export_pretrained(pl_module.policy, tokenizer, self.dirpath)
+            path = export_pretrained(pl_module.policy, tokenizer, resolve_in_run_dir(self.dirpath, trainer))
             print(f"exported policy + tokenizer to {path}")
         trainer.strategy.barrier()

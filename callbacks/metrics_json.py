@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from datamodules.utils.files import write_text_atomic
+from lightning_modules.runtime.run_dir import resolve_in_run_dir
 
 
 class MetricsJSON(L.Callback):
@@ -17,7 +18,7 @@ class MetricsJSON(L.Callback):
         """Output file.
 
         Args:
-            path: JSON file to (atomically) rewrite with {metric name: value, "step": global step}.
+            path: JSON file to (atomically) rewrite with {metric name: value, "step": global step}; relative = in the run directory.
         """
         self.path = Path(path)
 
@@ -26,7 +27,7 @@ class MetricsJSON(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["step"] = trainer.global_step
-        write_text_atomic(self.path, json.dumps(metrics, indent=2, sort_keys=True))
+        write_text_atomic(resolve_in_run_dir(self.path, trainer), json.dumps(metrics, indent=2, sort_keys=True))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer)

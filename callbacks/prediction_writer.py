@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datamodules.utils.files import write_jsonl_atomic
+from lightning_modules.runtime.run_dir import resolve_in_run_dir
 from lightning_modules.models.generation import RewardFn
 
 
@@ -20,7 +21,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
         """Output file.
 
         Args:
-            path: JSONL file to write (rows in prompt order).
+            path: JSONL file to write (rows in prompt order); a relative path is inside the run directory.
             reward: optional callable (prompts, responses) -> rewards; adds a `reward` field to each row.
         """
         super().__init__(write_interval="epoch")
@@ -34,5 +35,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
             rewards = self.reward([r["prompt"] for r in rows], [r["response"] for r in rows])
             for row, reward in zip(rows, rewards):
                 row["reward"] = float(reward)
-        write_jsonl_atomic(self.path, rows)
-        print(f"wrote {len(rows)} predictions to {self.path}")
+        path = resolve_in_run_dir(self.path, trainer)
+        write_jsonl_atomic(path, rows)
+        print(f"wrote {len(rows)} predictions to {path}")

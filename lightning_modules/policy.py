@@ -30,6 +30,7 @@ from lightning_modules.models.adapters import LoraSpec, load_lora_policy
 from lightning_modules.runtime import rng
 from lightning_modules.runtime.guard import NonFiniteGuard
 from lightning_modules.runtime.rng import RNGRestore
+from lightning_modules.runtime.run_dir import mark_latest
 from lightning_modules.runtime.signals import StopSignals, TrainingInterrupted
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
@@ -146,6 +147,9 @@ class PolicyModule(L.LightningModule):
             for p in self.parameters():
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
         self._record_step(bad=bad, what="gradient norm")
+
+    def on_fit_start(self) -> None:
+        mark_latest(self.trainer)  # <root>/latest -> this run's version_N
 
     def on_train_start(self) -> None:
         # After Lightning registered its own handlers, whose teardown restores the pre-fit ones on every exit path.

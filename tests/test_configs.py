@@ -28,6 +28,7 @@ import datamodules.text_data
 from datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lightning_modules.cli import main
 from lightning_modules.policy import PolicyModule
+from lightning_modules.runtime.run_dir import resolve_in_run_dir
 from lightning_modules.studies import STUDIES
 from lightning_modules.studies.launch import study_parser
 
@@ -194,10 +195,11 @@ def check_training_config(config: dict[str, Any], path: Path, assets: Path, tmp_
     assert under(cli.trainer.default_root_dir, tmp_path)
     if cli.trainer.logger is not None:
         assert under(cli.trainer.logger.save_dir, tmp_path)
-    for callback in cli.trainer.callbacks:
+    for callback in cli.trainer.callbacks:  # a relative output path is inside the run directory
         for attr in ("dirpath", "path"):
             if getattr(callback, attr, None) is not None:
-                assert under(getattr(callback, attr), tmp_path), (type(callback).__name__, attr)
+                where = resolve_in_run_dir(getattr(callback, attr), cli.trainer)
+                assert under(where, tmp_path), (type(callback).__name__, attr, where)
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if is_training_config(yaml.safe_load(p.read_text()))],

@@ -8,6 +8,7 @@ and the TensorBoard logger the training loss per step.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -51,7 +52,7 @@ def run(assets, tmp_path_factory):
         patch.setattr(sys, "argv", ["lightning_modules"])
         cli = main(args)
     assert cli.trainer.global_step == STEPS
-    return cli, out / "runs/demo"
+    return cli, out / "runs/demo"  # the run directory is runs/demo/sft/latest (= version_0)
 
 
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def probe(assets) -> torch.Tensor:
 @pytest.mark.slow
 def test_export_loads_as_the_trained_policy(run, assets, probe):
     cli, demo = run
-    export = demo / "sft/export"
+    export = demo / "sft/latest/export"
     exported = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(assets / "model").get_vocab()
@@ -85,24 +86,24 @@ def test_export_loads_as_the_trained_policy(run, assets, probe):
 @pytest.mark.slow
 def test_last_checkpoint_restores_the_exported_policy(run, assets, probe):
     _, demo = run
-    checkpoint = demo / "sft/checkpoints/last.ckpt"
+    checkpoint = demo / "sft/latest/checkpoints/last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == STEPS
     # no saved hyperparameters: the model path is given again; configure_model loads the *initial*
     # weights from it, and the checkpoint's state dict then replaces them
     restored = SFTModule.load_from_checkpoint(checkpoint, model_name_or_path=str(assets / "model"))
-    exported = AutoModelForCausalLM.from_pretrained(demo / "sft/export")
+    exported = AutoModelForCausalLM.from_pretrained(demo / "sft/latest/export")
     torch.testing.assert_close(logits(restored.policy, probe), logits(exported, probe), rtol=0, atol=0)
 
 
 @pytest.mark.slow
 def test_metrics_json_and_tensorboard(run):
     _, demo = run
-    metrics = json.loads((demo / "sft/metrics.json").read_text())
+    metrics = json.loads((demo / "sft/latest/metrics.json").read_text())
     assert metrics["step"] == STEPS
     assert 0.0 <= metrics["val/generation/reward"] <= 1.0
     assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] > 0
 
-    events = EventAccumulator(str(demo / "tensorboard/sft"))
+    events = EventAccumulator(str(demo / "sft/latest"))
     events.Reload()
     assert {"train/loss", "val/loss", "val/generation/reward"} <= set(events.Tags()["scalars"])
     train_loss = events.Scalars("train/loss")
@@ -126,7 +127,8 @@ def test_export_pretrained_replaces_an_existing_folder(assets, tmp_path, probe):
 
     assert export_pretrained(model, tokenizer, target) == target
     assert not (target / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no export.tmp / export.old left
+    content = [p for p in tmp_path.iterdir() if p.name != "export"]  # the folder the `export` link points at
+    assert target.is_symlink() and len(content) == 1 and target.resolve() == content[0].resolve()
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(target), probe), logits(model, probe),
                                rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(target).get_vocab() == tokenizer.get_vocab()
@@ -135,7 +137,7 @@ def test_export_pretrained_replaces_an_existing_folder(assets, tmp_path, probe):
 def test_export_pretrained_keeps_the_old_folder_when_saving_fails(tmp_path):
     class FailingModel:
         def save_pretrained(self, path):
-            Path(path).mkdir()
+            Path(path).mkdir(exist_ok=True)
             (Path(path) / "config.json").write_text("{half written")
             raise OSError("disk full")
 
@@ -145,4 +147,43 @@ def test_export_pretrained_keeps_the_old_folder_when_saving_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         export_pretrained(FailingModel(), None, target)
     assert (target / "config.json").read_text() == "{}"
-    assert not (tmp_path / "export.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the half-written folder is removed
+
+
+def test_a_crash_before_the_switch_leaves_the_previous_export_whole(assets, tmp_path, probe, monkeypatch):
+    """Export twice; the second dies at the atomic switch: the first export is still complete and loads."""
+    export_module = importlib.import_module("callbacks.export_pretrained")  # the package re-exports the function
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "model")
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    target = export_pretrained(model, tokenizer, tmp_path / "export")
+    before = logits(AutoModelForCausalLM.from_pretrained(target), probe)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill between writing the new files and the switch
+
+    monkeypatch.setattr(export_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_pretrained(model, tokenizer, target)
+    monkeypatch.undo()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(target), probe), before, rtol=0, atol=0)
+    assert len([p for p in tmp_path.iterdir() if p.name != "export"]) == 1  # the new folder was cleaned up
+    export_pretrained(model, tokenizer, target)  # and the next export replaces it
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(target), probe), logits(model, probe),
+                               rtol=0, atol=0)
+    assert len([p for p in tmp_path.iterdir() if p.name != "export"]) == 1
+
+
+def test_export_files_are_readable_and_the_tokenizer_pads_right(assets, tmp_path):
+    from datamodules.utils.files import default_file_mode
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "model")
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    tokenizer.padding_side = "left"  # as generation leaves it while it runs
+    target = export_pretrained(model, tokenizer, tmp_path / "export")
+    for file in target.iterdir():
+        assert file.stat().st_mode & 0o777 == default_file_mode(), file.name
+    assert AutoTokenizer.from_pretrained(target).padding_side == "right"
+    assert tokenizer.padding_side == "left"  # the live tokenizer is left as it was

@@ -20,8 +20,8 @@ METRICS = {"val/rewards/accuracies": 0.8, "val/rewards/margins": 0.1, "val/gener
 
 
 def write_metrics(out: Path, **metrics: float) -> None:
-    (out / RUN.name).mkdir(parents=True)
-    (out / RUN.name / "metrics.json").write_text(json.dumps(metrics))
+    (out / RUN.name / "latest").mkdir(parents=True)  # a run directory (a symlink in real runs)
+    (out / RUN.name / "latest" / "metrics.json").write_text(json.dumps(metrics))
 
 
 def test_collect_reads_the_run_metrics(tmp_path: Path) -> None:
@@ -70,9 +70,9 @@ class FakePython:
             out.mkdir(parents=True)
             (out / "manifest.json").write_text("{}")
         elif args[1] == "lightning_modules" and "sft" in Path(args[args.index("--config") + 1]).name:
-            (Path(value("trainer.default_root_dir")) / "export").mkdir(parents=True)
+            (Path(value("trainer.default_root_dir")) / "latest" / "export").mkdir(parents=True)
         elif args[1] == "lightning_modules":
-            root = Path(value("trainer.default_root_dir"))
+            root = Path(value("trainer.default_root_dir")) / "latest"
             root.mkdir(parents=True)
             (root / "metrics.json").write_text(json.dumps({**METRICS, "val/rewards/margins": float(value(
                 "model.init_args.beta"))}))
@@ -92,11 +92,11 @@ def test_tiny_grid_runs_every_stage_resumes_and_reports(tmp_path: Path, monkeypa
                                      "lightning_modules", "lightning_modules.references.cache_builder",
                                      "lightning_modules"]
     sft_strong, live, cache, likelihood = fake.calls[2], fake.calls[3], fake.calls[4], fake.calls[5]
-    assert f"--model.init_args.model_name_or_path={out}/sft/export" in sft_strong
+    assert f"--model.init_args.model_name_or_path={out}/sft/latest/export" in sft_strong
     assert "--trainer.max_epochs=2" in sft_strong
     assert live[-1] == "--trainer.limit_train_batches=1" and f"--data.init_args.path={out}/assets/data/prefs" in live
-    assert "--model.init_args.beta=0.1" in live and f"--model.init_args.model_name_or_path={out}/sft/export" in live
-    assert cache[-2:] == ["--tokenizer", f"{out}/sft/export"] and LIKELIHOOD.args[1] in cache
+    assert "--model.init_args.beta=0.1" in live and f"--model.init_args.model_name_or_path={out}/sft/latest/export" in live
+    assert cache[-2:] == ["--tokenizer", f"{out}/sft/latest/export"] and LIKELIHOOD.args[1] in cache
     assert all(a.startswith("--data.") for a in cache[4:-2])
     assert [r["run"] for r in rows] == [RUN.name, LIKELIHOOD.name] and rows[0]["val margin"] == 0.1
     assert json.loads((out / "summary.json").read_text()) == {"runs": rows}
@@ -126,7 +126,7 @@ def test_tiny_grid_trains_for_real(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "lightning_modules.studies.refdpo_sweep",
                "--config", "configs/studies/refdpo-sweep/sweep.yaml", f"--out_dir={out}", "--stronger_reference_epochs=1",
                "--runs=[{name: live, group: live, beta: 0.1}, {name: likelihood, group: likelihood, beta: 0.1, args: ["
-               "--model.init_args.reference=cached, '--data.init_args.reference_cache=[{name_or_path: ${out_dir}/sft/export,"
+               "--model.init_args.reference=cached, '--data.init_args.reference_cache=[{name_or_path: ${out_dir}/sft/latest/export,"
                " unconditional: true}]']}]",
                "--assets_args=[--n-sft=64, --n-pref=64, --n-val=16]",
                "--fit_args=[--trainer.max_epochs=1, --trainer.limit_train_batches=2, --trainer.limit_val_batches=1]"]

@@ -35,7 +35,7 @@ def test_validate_dpo_from_its_own_reference_gives_ln2(assets: Path, tmp_path: P
 def test_predict_writes_greedy_generations_with_rewards(assets: Path, tmp_path: Path) -> None:
     config = write_localized(REPO / "configs/quickstart/predict.yaml", assets, tmp_path)
     main(["predict", "--config", str(config), "--model.init_args.generation={max_new_tokens: 8}"])
-    rows = [json.loads(line) for line in (tmp_path / "runs/demo/predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "runs/demo/predict/version_0/predictions.jsonl").read_text().splitlines()]
 
     prompts = [json.loads(line)["prompt"] for line in (assets / "data/prompts/test.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [[{"role": "user", "content": p}] for p in prompts]

@@ -158,16 +158,15 @@ $strategy
   log_every_n_steps: 10
   default_root_dir: runs/refdpo/$run_dir
   logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {save_dir: runs/refdpo/tensorboard, name: $run_name, version: $version}
+    class_path: lightning_modules.runtime.RunLogger   # <default_root_dir>/version_N/, <default_root_dir>/latest -> it
+    init_args: {root_dir: "$${trainer.default_root_dir}"}
   callbacks:
     - class_path: lightning.pytorch.callbacks.LearningRateMonitor
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint   # latest epoch only: ZeRO-3 shards with Adam states
-      init_args: {dirpath: runs/refdpo/$run_dir/checkpoints}
     - class_path: callbacks.MetricsJSON
-      init_args: {path: runs/refdpo/$run_dir/metrics.json}
+      init_args: {path: metrics.json}      # in the run directory
     - class_path: callbacks.ExportPretrained       # HF folder for generation / AlpacaEval
-      init_args: {dirpath: runs/refdpo/$run_dir/export}
+      init_args: {dirpath: export}        # in the run directory
 model:
   class_path: lightning_modules.dpo.DPOModule
   init_args:
@@ -221,7 +220,7 @@ def render_run(group: Group, beta: float, hardware: Hardware = EIGHT_GPUS) -> tu
         result=group.results.get(beta, "not reported").replace("**", ""), original_setup=ORIGINAL_SETUP,
         hardware_note=hardware_note, relpath=relpath, devices=hardware.devices, batch=hardware.batch,
         accumulate=hardware.accumulate, strategy=STRATEGY[hardware.offload], run_dir=run_dir,
-        run_name=run_dir.rpartition("/")[0], version=run_dir.rpartition("/")[2], beta=repr(float(beta)),
+        beta=repr(float(beta)),
         reference=group.reference, reference_pad=pad(f"    reference: {group.reference}"),
         reference_comment=REFERENCE_COMMENT[group.reference], optimizer=OPTIMIZER[hardware.offload],
         data_pad=pad(f"    name: {group.data}"), insert_eos=str(policy.insert_eos).lower(),
@@ -244,8 +243,8 @@ python configs/refdpo/generate.py            # after editing the grid or the sha
 ```
 
 Lightning launches one process per GPU itself (or use `torchrun` / SLURM for several nodes).
-Each run writes under `runs/refdpo/<group>/beta_<β>/` (`checkpoints/`, `metrics.json`, `export/`)
-and logs to TensorBoard under `runs/refdpo/tensorboard/<group>/beta_<β>`.
+Each run writes a fresh `runs/refdpo/<group>/beta_<β>/version_N/` (`checkpoints/`, `metrics.json`,
+`export/`, TensorBoard events, `config.yaml`), and `runs/refdpo/<group>/beta_<β>/latest` points at the newest.
 
 ## Shared settings (the original's)
 

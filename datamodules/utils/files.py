@@ -9,11 +9,20 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def default_file_mode() -> int:
-    """The permission bits a plain ``open(path, "w")`` would give (``mkstemp`` gives 0600)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` would give (``mkstemp`` gives 0600)."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The permission bits a plain ``mkdir`` would give (``mkdtemp`` gives 0700)."""
+    return 0o777 & ~_umask()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

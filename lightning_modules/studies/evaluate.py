@@ -61,7 +61,7 @@ def evaluate(
     """Generate, score, summarise, plot.
 
     Args:
-        policies: {name: exported HF folder}, e.g. {sft: runs/demo/sft/export, dpo: runs/demo/dpo/export}.
+        policies: {name: exported HF folder}, e.g. {sft: runs/demo/sft/latest/export, dpo: runs/demo/dpo/latest/export}.
         prompts_path: JSONL file of {"prompt": ...} rows (held-out prompts).
         reward: callable (prompts, responses) -> rewards, e.g. datamodules.synthetic.SyntheticReward.
         out_dir: folder receiving summary.json, summary.md, rewards.png and generations.jsonl.

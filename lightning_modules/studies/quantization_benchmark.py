@@ -3,7 +3,7 @@
     python -m lightning_modules.studies.quantization_benchmark \
         --config configs/studies/reference-quant-bench/quantization.yaml      # or: make reference-quant-bench
 
-Models: the trained demo SFT policy (`runs/demo/sft/export`, the quickstart's DPO reference; its
+Models: the trained demo SFT policy (`runs/demo/sft/latest/export`, the quickstart's DPO reference; its
 own validation pairs) when `make demo` has run, and always a larger randomly initialised Llama
 (hidden 512, 8 layers, 8 heads, MLP 2048: 34M parameters) on the synthetic task's validation pairs,
 built once under `<out>/assets`. Random weights give near-uniform next-token distributions, so its
@@ -149,7 +149,7 @@ class RandomModel:
 
 def quantization_benchmark(out_dir: str = "runs/reference-quant-bench", batch_size: int = 16, max_pairs: int = 256,
                            threads: int = 1, levels: tuple[Quantization, ...] = LEVELS,
-                           random_model: RandomModel = RandomModel(), demo_model: str = "runs/demo/sft/export",
+                           random_model: RandomModel = RandomModel(), demo_model: str = "runs/demo/sft/latest/export",
                            demo_data: str = "runs/demo/assets/data/prefs") -> dict:
     """Memory, speed and log-prob drift of each quantization level, per model.
 

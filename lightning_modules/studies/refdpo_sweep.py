@@ -75,7 +75,7 @@ def run_step(name: str, args: list[str], creates: Path | None, log_dir: Path) ->
 
 def collect(run: SweepRun, out: Path, seconds: float) -> dict[str, Any]:
     """One summary row from a run's MetricsJSON file."""
-    metrics = json.loads((out / run.name / "metrics.json").read_text())
+    metrics = json.loads((out / run.name / "latest" / "metrics.json").read_text())
     finite = all(math.isfinite(v) for v in metrics.values())
     return {
         "run": run.name, "reference": run.group, "beta": run.beta,
@@ -115,7 +115,7 @@ def refdpo_sweep(runs: list[SweepRun], out_dir: str = "runs/refdpo-sweep", stron
         out_dir: everything the sweep makes: assets/, sft/, sft_strong/, one folder per run, logs/, the report.
         stronger_reference_epochs: extra SFT epochs, from the SFT export, that make the "stronger reference".
         sft_config: training config of the SFT stages (model, data and outputs are pointed into out_dir).
-        dpo_config: training config of every run (policy = out_dir/sft/export; data from out_dir/assets).
+        dpo_config: training config of every run (policy = out_dir/sft/latest/export; data from out_dir/assets).
         assets_args: extra `python -m datamodules.synthetic build` options, e.g. `--n-sft=256` for a smoke run.
         fit_args: overrides appended to every training (SFT and DPO), e.g. `--trainer.limit_train_batches=2`.
         title: report and plot title.
@@ -124,7 +124,7 @@ def refdpo_sweep(runs: list[SweepRun], out_dir: str = "runs/refdpo-sweep", stron
     if not runs or len(names) != len(set(names)):
         raise UserInputError(f"runs: need at least one run and unique names (they name folders), got {names}")
     out = Path(out_dir)
-    logs, assets, sft = out / "logs", out / "assets", out / "sft" / "export"
+    logs, assets, sft = out / "logs", out / "assets", out / "sft" / "latest" / "export"
     sft_args = ["-m", "lightning_modules", "fit", "--config", sft_config,
                 f"--data.init_args.path={assets / 'data/sft'}"]
     run_step("assets", ["-m", "datamodules.synthetic", "build", "--out", str(assets), *assets_args],
@@ -134,7 +134,7 @@ def refdpo_sweep(runs: list[SweepRun], out_dir: str = "runs/refdpo-sweep", stron
     run_step("sft_strong", [*sft_args, f"--trainer.default_root_dir={out / 'sft_strong'}",
                             f"--model.init_args.model_name_or_path={sft}",
                             f"--trainer.max_epochs={stronger_reference_epochs}", *fit_args],
-             out / "sft_strong" / "export", logs)
+             out / "sft_strong" / "latest" / "export", logs)
     data = [f"--data.init_args.path={assets / 'data/prefs'}"]
     rows = []
     for run in runs:
@@ -144,7 +144,8 @@ def refdpo_sweep(runs: list[SweepRun], out_dir: str = "runs/refdpo-sweep", stron
             data_args = [a for a in args if a.startswith("--data.")]  # the cache needs only the data section
             run_step(f"{run.name}_cache", ["-m", "lightning_modules.references.cache_builder", "--config", dpo_config,
                                            *data_args, "--tokenizer", str(sft)], None, logs)
-        run_step(run.name, ["-m", "lightning_modules", "fit", *args, *fit_args], out / run.name / "metrics.json", logs)
+        run_step(run.name, ["-m", "lightning_modules", "fit", *args, *fit_args], out / run.name / "latest" / "metrics.json",
+                 logs)
         rows.append(collect(run, out, float((logs / f"{run.name}.seconds").read_text())))
     write_report(out, {"runs": rows}, rows, plot(rows, title), title=title, figure_name="sweep.png",
                  intro=f"Each run: `{dpo_config}` + its β and overrides, from the SFT policy in `{sft}`; gen = "
