@@ -31,7 +31,8 @@ from datamodules.multiref_split import StudySplit, prepare_study_split
 from datamodules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
 from datamodules.schemas import REQUIRED_COLUMNS, RowStats, detect_schema, normalize_pair
 from datamodules.text_data import TextDataModule
-from datamodules.tokenize import encode_pair, encode_prompt, end_of_response_ids, pair_columns
+from datamodules.tokenize import (NO_RESPONSE_TOKENS, encode_pair, encode_prompt, end_of_response_ids,
+                                  has_room_for_response, pair_columns)
 from datamodules.utils.errors import UserInputError
 
 
@@ -78,6 +79,8 @@ class PreferenceDataModule(TextDataModule):
 
     def encode(self, example: dict[str, Any]) -> dict[str, Any] | str:
         prompt_ids = encode_prompt(self.tokenizer, example["prompt"], self.template, self.insert_eos)
+        if not has_room_for_response(prompt_ids, self.max_length):
+            return NO_RESPONSE_TOKENS
         end_ids = end_of_response_ids(self.tokenizer, self.template)
         encoded = encode_pair(self.tokenizer, prompt_ids, example, self.max_length, end_ids=end_ids)
         truncated = any(side.truncated for side in encoded.values())

@@ -14,7 +14,8 @@ from datasets import Dataset
 from datamodules.chat import ASSISTANT, USER, as_messages
 from datamodules.collate import SFTCollator
 from datamodules.text_data import TextDataModule
-from datamodules.tokenize import encode_prompt, encode_response, end_of_response_ids
+from datamodules.tokenize import (NO_RESPONSE_TOKENS, encode_prompt, encode_response, end_of_response_ids,
+                                  has_room_for_response)
 
 SFT_COLUMNS = {"sft": ["prompt", "response"], "sft_messages": ["messages"]}
 
@@ -53,9 +54,10 @@ class SFTDataModule(TextDataModule):
         return normalize_sft(row, schema)
 
     def encode(self, example: dict[str, Any]) -> dict[str, Any] | str:
-        encoded = encode_response(self.tokenizer, encode_prompt(self.tokenizer, example["prompt"], self.template,
-                                                                self.insert_eos),
-                                  example["response"], self.max_length,
+        prompt_ids = encode_prompt(self.tokenizer, example["prompt"], self.template, self.insert_eos)
+        if not has_room_for_response(prompt_ids, self.max_length):
+            return NO_RESPONSE_TOKENS
+        encoded = encode_response(self.tokenizer, prompt_ids, example["response"], self.max_length,
                                   end_ids=end_of_response_ids(self.tokenizer, self.template))
         if encoded.truncated and self.overlength == "drop":
             return "too_long"

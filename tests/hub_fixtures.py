@@ -400,3 +400,25 @@ def write_local_pairs(path: Path, fmt: str = "jsonl", messages: bool = False) ->
     rows[5:5] = bad
     (_jsonl if jsonl else _parquet)(path, [row for row, _ in rows])
     return Fixture(path, None, "messages" if messages else "pairs", _expect({"train": rows}))
+
+
+# ---- small hub-layout folders of given rows (stale-cache and bad-file tests) ----------------------------
+def write_jsonl_folder(folder: Path, splits: dict[str, list[Row] | str], title: str = "local dataset") -> Path:
+    """A hub-layout folder: `data/<split>.jsonl` per split plus a README.md whose `configs:` maps each split
+    to its file. A split given as a string is written verbatim (an empty or malformed file)."""
+    folder = Path(folder)
+    for split, rows in splits.items():
+        path = folder / f"data/{split}.jsonl"
+        if isinstance(rows, str):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(rows)
+        else:
+            _jsonl(path, rows)
+    _readme(folder, title, {"default": {split: f"data/{split}.jsonl" for split in splits}})
+    return folder
+
+
+def pair_rows(tag: str, n: int = 4) -> list[Row]:
+    """`n` good rows of the `pairs` schema whose prompts carry `tag` (to tell two versions of a dataset apart)."""
+    return [{"prompt": f"{tag}: {QA[i % len(QA)][0]}", "chosen": QA[i % len(QA)][1], "rejected": QA[i % len(QA)][2]}
+            for i in range(n)]

@@ -213,7 +213,8 @@ def test_sft_datamodule_rows_and_batches(assets: Path, tok) -> None:
     assert (batch["attention_mask"][labelled] == 1).all()
     assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
     assert next(iter(dm.val_dataloader()))["input_ids"].shape[0] == 8
-    assert dm.test_dataloader() == []
+    with pytest.raises(UserInputError, match=r"`test` needs a test split, but data\.test_split is not set"):
+        dm.test_dataloader()  # no test split configured: an error, not an empty loader that tests nothing
 
 
 def test_preference_datamodule_rows_and_batches(assets: Path, tok) -> None:

@@ -130,3 +130,95 @@ def test_response_eos(tok) -> None:
 def test_a_string_prompt_is_one_user_turn(template) -> None:
     assert render_prompt("Hi", template=template) == render_prompt(ONE_TURN, template=template)
     assert as_messages("Hi") == ONE_TURN and as_messages(TWO_TURNS) is TWO_TURNS
+
+
+# ---- chat templates that write BOS themselves (Llama-3-Instruct, Mistral-Instruct, Gemma) ---------------------
+@pytest.fixture(scope="module")
+def bos_tok(assets: Path, tmp_path_factory):
+    """The tiny tokenizer made to add BOS itself (add_special_tokens=True), with a chat template that also writes
+    `{{ bos_token }}`; saved and reloaded like a hub tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    tokenizer.add_bos_token = True
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    folder = tmp_path_factory.mktemp("bos_tokenizer")
+    tokenizer.save_pretrained(folder)
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    assert reloaded("Hi")["input_ids"][0] == reloaded.bos_token_id  # the tokenizer adds BOS on its own
+    return reloaded
+
+
+def chat_template_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "auto"])
+@pytest.mark.parametrize("messages", [ONE_TURN, TWO_TURNS], ids=["one_turn", "two_turns"])
+def test_a_template_that_writes_bos_gets_one_bos(bos_tok, template, messages) -> None:
+    """Before: `[BOS, BOS, ...]` (the template's BOS, then the tokenizer's own)."""
+    from datamodules.tokenize import encode_prompt
+
+    ids = encode_prompt(bos_tok, messages, template)
+    assert ids == chat_template_ids(bos_tok, messages)
+    assert ids[0] == bos_tok.bos_token_id and ids.count(bos_tok.bos_token_id) == 1
+
+
+def test_zephyr_still_gets_the_tokenizers_bos(bos_tok) -> None:
+    from datamodules.tokenize import encode_prompt
+
+    text = render_prompt(TWO_TURNS, template="zephyr", tokenizer=bos_tok)
+    assert encode_prompt(bos_tok, TWO_TURNS, "zephyr") == [bos_tok.bos_token_id] + bos_tok(
+        text, add_special_tokens=False)["input_ids"]
+
+
+def test_preference_rows_have_one_bos(bos_tok, assets: Path) -> None:
+    from datamodules import PreferenceDataModule
+
+    dm = PreferenceDataModule(str(assets / "data/prefs"), bos_tok.name_or_path, template="tokenizer",
+                              val_split=None, max_length=64)
+    dm.setup("fit")
+    for item in dm.data["train"][:16]:
+        for side in ("chosen", "rejected"):
+            assert item[f"{side}_input_ids"].count(bos_tok.bos_token_id) == 1
+
+
+class RecordingModel:
+    """Stands in for a causal LM in `generate_responses`: records the prompt ids, answers with EOS."""
+
+    training = False
+    device = "cpu"
+
+    def __init__(self, eos_id: int):
+        self.eos_id, self.inputs = eos_id, []
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        import torch
+
+        self.inputs.append((input_ids, attention_mask))
+        return torch.cat([input_ids, torch.full((input_ids.shape[0], 1), self.eos_id)], dim=1)
+
+
+def test_generation_prompts_have_one_bos(bos_tok) -> None:
+    """Before: generation tokenized the rendered prompts with special tokens on: two BOS per prompt."""
+    from lightning_modules.models.generation import generate_responses
+
+    model = RecordingModel(bos_tok.eos_token_id)
+    prompts = [ONE_TURN, TWO_TURNS]
+    generate_responses(model, bos_tok, prompts, template="tokenizer", max_new_tokens=1)
+    (input_ids, attention_mask), = model.inputs
+    for row, mask, messages in zip(input_ids.tolist(), attention_mask.tolist(), prompts):
+        assert [t for t, m in zip(row, mask) if m] == chat_template_ids(bos_tok, messages)
+    zephyr = RecordingModel(bos_tok.eos_token_id)  # a template without BOS still gets the tokenizer's
+    generate_responses(zephyr, bos_tok, prompts, template="zephyr", max_new_tokens=1)
+    (input_ids, attention_mask), = zephyr.inputs
+    for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        kept = [t for t, m in zip(row, mask) if m]
+        assert kept[0] == bos_tok.bos_token_id and kept.count(bos_tok.bos_token_id) == 1

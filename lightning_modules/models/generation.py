@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.templates import render_prompt
+from datamodules.tokenize import tokenize_prompts
 
 # A reward program or model: (prompts, responses) -> one float per response.
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -41,7 +42,7 @@ def generate_responses(
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(p, template=template, tokenizer=tokenizer, insert_eos=insert_eos)
                      for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+            enc = tokenize_prompts(tokenizer, texts, return_tensors="pt", padding=True).to(model.device)
             sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
