@@ -202,8 +202,8 @@ def load_tokenizers(names: Sequence[str]) -> list[Any]:
     tokenizers = []
     for name in names:
         try:
-            tokenizers.append(load_tokenizer(name))
-        except (OSError, ValueError) as error:
+            tokenizers.append(load_tokenizer(name, key="data.study_split.tokenizers[]"))
+        except OSError as error:
             raise UserInputError(f"data.study_split.tokenizers: cannot load tokenizer {name!r}: {error}") from error
     return tokenizers
 

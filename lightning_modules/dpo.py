@@ -106,7 +106,7 @@ class DPOModule(PolicyModule):
             elif self.reference_name_or_path is None:
                 model = copy.deepcopy(self.policy)
             else:
-                model = load_causal_lm(self.reference_name_or_path, dtype=self.dtype_name)
+                model = load_causal_lm(self.reference_name_or_path, dtype=self.dtype_name, key="model.reference_name_or_path")
             self.reference = LiveReference(model, average=self.average_logps)
         elif self.reference_mode == "precomputed":
             self.reference = PrecomputedReference()

@@ -54,6 +54,9 @@ def test_a_second_fit_and_a_validate_leave_the_first_run_intact(assets: Path, tm
     assert {"config.yaml", "metrics.json"} <= {p.name for p in files} and (first / "export/model.safetensors").exists()
     assert (first / "checkpoints/last.ckpt").exists()
     assert (job / "latest").resolve() == first.resolve()
+    hparams = yaml.safe_load((first / "hparams.yaml").read_text())  # the real, resolved hyperparameters
+    assert hparams["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 3e-3
+    assert hparams["trainer"]["max_steps"] == 2 and hparams["data"]["init_args"]["batch_size"] == 4
 
     run_cli(["fit", "--config", config, *FAST, "--trainer.max_steps=1"], monkeypatch)
     second = job / "version_1"

@@ -85,8 +85,8 @@ def ensure_reference_cache(examples: Sequence[dict[str, Any]], spec: ReferenceSp
     distinct = dict(zip(keys, examples))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tokenizer = load_tokenizer(spec.name_or_path)
-        model = load_causal_lm(spec.name_or_path, dtype=spec.dtype).to(device)
+        tokenizer = load_tokenizer(spec.name_or_path, key="data.reference_cache[].name_or_path")
+        model = load_causal_lm(spec.name_or_path, dtype=spec.dtype, key="data.reference_cache[].name_or_path").to(device)
     except OSError as error:
         raise UserInputError(f"data.reference_cache: cannot load reference {spec.name_or_path!r}: {error}") from error
     values = score_pairs(model, tokenizer, list(distinct.values()), spec, max_length=max_length,

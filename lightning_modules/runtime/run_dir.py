@@ -70,6 +70,7 @@ class RunLogger(TensorBoardLogger):
         else:
             run_dir = claim_version_dir(root_dir)
             os.environ[ENV] = str(run_dir)
+        kwargs.setdefault("default_hp_metric", False)  # no placeholder `hp_metric` scalar
         super().__init__(save_dir=root_dir, name="", version=run_dir.name, **kwargs)
         self.run_dir = run_dir
 
