@@ -147,7 +147,9 @@ def refdpo_sweep(runs: list[SweepRun], out_dir: str = "runs/refdpo-sweep", stron
         run_step(run.name, ["-m", "lightning_modules", "fit", *args, *fit_args], out / run.name / "latest" / "metrics.json",
                  logs)
         rows.append(collect(run, out, float((logs / f"{run.name}.seconds").read_text())))
-    write_report(out, {"runs": rows}, rows, plot(rows, title), title=title, figure_name="sweep.png",
+    formats = {"beta": "g", "val margin": ".2f", "gen length": ".1f", "seconds": ".0f",
+               "degenerate": lambda flagged: "**yes**" if flagged else "no"}
+    write_report(out, {"runs": rows}, rows, plot(rows, title), title=title, figure_name="sweep.png", formats=formats,
                  intro=f"Each run: `{dpo_config}` + its β and overrides, from the SFT policy in `{sft}`; gen = "
                        "greedy generations on held-out prompts scored by the aligned reward; seconds = training time.")
     return rows
