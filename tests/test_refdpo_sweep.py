@@ -100,7 +100,7 @@ def test_tiny_grid_runs_every_stage_resumes_and_reports(tmp_path: Path, monkeypa
     assert all(a.startswith("--data.") for a in cache[4:-2])
     assert [r["run"] for r in rows] == [RUN.name, LIKELIHOOD.name] and rows[0]["val margin"] == 0.1
     assert json.loads((out / "summary.json").read_text()) == {"runs": rows}
-    assert "| likelihood_beta_0.1 | likelihood | 0.100 |" in (out / "summary.md").read_text()
+    assert "| likelihood_beta_0.1 | likelihood | 0.1 | 0.800 | 0.10 | 0.900 | 4.0 | no |" in (out / "summary.md").read_text()
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| run | reference | beta |" in capsys.readouterr().out
 
