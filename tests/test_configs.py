@@ -7,8 +7,10 @@ the YAML (`localize`), so nothing is written into the repository. Instantiation 
 weights and tokenizers load only in `configure_model` / `setup`, which this test forbids.
 Study configs (`configs/studies/<target>/*.yaml` that are not training configs, and the demo's
 `configs/quickstart/evaluate.yaml`) go through their study's own parser (`launch.study_parser`), so a
-misspelt key fails here as it would on the command line. A config that matches none fails, so a new
-kind of config gets an entry point here.
+misspelt key fails here as it would on the command line. Hardware setups (`configs/strategy/*.yaml`) are
+partial configs meant as a second `--config`: each is stacked onto the localized quickstart DPO config with
+only `accelerator: cpu` added, and built (`tests/test_strategy_configs.py` checks them in depth). A config
+that matches none fails, so a new kind of config gets an entry point here.
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ def is_data_config(config: dict[str, Any]) -> bool:
     return config.keys() == {"data"}
 
 
+def is_strategy_config(path: Path) -> bool:
+    """A hardware setup of configs/strategy/: trainer and model keys only, composed onto an experiment."""
+    return path.parent == REPO / "configs/strategy"
+
+
 def is_evaluation_config(config: dict[str, Any]) -> bool:
     return {"policies", "prompts_path", "reward"} <= config.keys()
 
@@ -162,6 +169,8 @@ def test_config_instantiates(path, assets, tmp_path, no_loading, capsys):
         check_training_config(config, path, assets, tmp_path)
     elif is_data_config(config):
         check_data_config(config, path)
+    elif is_strategy_config(path):
+        check_strategy_config(config, path, assets, tmp_path)
     elif study := study_of(path, config):
         check_study_config(study, config, path, capsys)
     else:
@@ -212,6 +221,21 @@ def test_training_config_validates_as_written(path, capsys, no_loading):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["model_name_or_path"] == yaml.safe_load(path.read_text())["model"]["init_args"][
         "model_name_or_path"]
+
+
+def check_strategy_config(config: dict[str, Any], path: Path, assets: Path, tmp_path: Path) -> None:
+    """Quickstart DPO + this file + `accelerator: cpu` builds, with the file's strategy class and device count."""
+    assert set(config) <= {"trainer", "model"}, f"{path}: a hardware setup sets trainer and model keys only"
+    experiment = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu"}}))
+    cli = main(["--config", str(experiment), "--config", str(path), "--config", str(cpu)], run=False)
+    strategy = config["trainer"]["strategy"]
+    if isinstance(strategy, dict):
+        assert type(cli.trainer.strategy) is import_class(strategy["class_path"])
+    assert cli.trainer.num_devices == config["trainer"]["devices"]
+    assert cli.trainer.precision_plugin.precision == config["trainer"]["precision"]
+    assert cli.model.policy is None and under(cli.trainer.default_root_dir, tmp_path)
 
 
 def check_data_config(config: dict[str, Any], path: Path) -> None:

@@ -19,6 +19,7 @@ import yaml
 from deepspeed.runtime.config import DeepSpeedConfig
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from omegaconf import OmegaConf
 
 from lightning_modules.cli import main
 
@@ -44,7 +45,8 @@ PAIRS_PER_STEP = 32  # 4 pairs per GPU x 8 GPUs
 
 
 def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    """The YAML with its `${...}` interpolations resolved, as the CLI resolves them (e.g. the DeepSpeed batch size)."""
+    return OmegaConf.to_container(OmegaConf.create(yaml.safe_load(path.read_text())), resolve=True)
 
 
 def run_key(config: dict[str, Any]) -> tuple[str, str, str, float]:
@@ -161,6 +163,23 @@ def test_deepspeed_strategy_is_zero3_bf16(path):
     # ZeRO-Offload refuses a torch optimizer unless zero_force_ds_cpu_optimizer is turned off
     if init_args.get("offload_optimizer") and parsed.zero_force_ds_cpu_optimizer:
         assert config["model"]["init_args"]["optimizer"]["class_path"] == "deepspeed.ops.adam.DeepSpeedCPUAdam"
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_hardware_is_the_composable_strategy_file(path):
+    """Each run repeats configs/strategy/zero3_8gpu_bf16.yaml (single A100: a100_offload.yaml) key for key."""
+    setup = yaml.safe_load((REPO / "configs/strategy" / (
+        "a100_offload.yaml" if path == SINGLE_A100 else "zero3_8gpu_bf16.yaml")).read_text())
+    config = yaml.safe_load(path.read_text())  # as written: the `${...}` text must match too
+    for key, value in setup["trainer"].items():
+        assert config["trainer"][key] == value, key
+    model = config["model"]["init_args"]
+    for key, value in setup["model"]["init_args"].items():
+        if key == "optimizer":  # the class and its options; lr and weight_decay are the original's
+            assert model[key]["class_path"] == value["class_path"]
+            assert value["init_args"].items() <= model[key]["init_args"].items()
+        else:
+            assert model[key] == value, key
 
 
 @pytest.fixture

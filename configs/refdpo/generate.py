@@ -6,17 +6,27 @@ it, not the YAML. `tests/test_refdpo_configs.py` fails when a committed file dif
 
     python configs/refdpo/generate.py            # rewrite configs/refdpo/*
     python configs/refdpo/generate.py --check    # exit 1 if a committed file is stale or missing
+
+The hardware lines of each run (trainer accelerator, strategy block and precision; the model's dtype,
+gradient checkpointing and, with CPU offload, the optimizer class) are copied verbatim from the
+composable files `configs/strategy/zero3_8gpu_bf16.yaml` and `configs/strategy/a100_offload.yaml`, so
+the grid and those files cannot drift apart: edit a strategy file, then rerun this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
+STRATEGY_DIR = HERE.parent / "strategy"  # configs/strategy/: one composable file per hardware setup
 
 
 @dataclass(frozen=True)
@@ -43,18 +53,88 @@ REFERENCE_LOGPS = {
 }
 
 
+PAIRS_PER_STEP = 32  # the original: 4 pairs per GPU x 8 GPUs
+
+
+@functools.cache
+def strategy_file(name: str) -> tuple[str, dict[str, Any]]:
+    """(text, parsed YAML) of configs/strategy/<name>."""
+    text = (STRATEGY_DIR / name).read_text()
+    return text, yaml.safe_load(text)
+
+
+def copied_lines(name: str) -> dict[str, str]:
+    """The lines of configs/strategy/<name> that every run of that setup repeats, verbatim (comments too).
+
+    `strategy` is the whole `trainer.strategy` block; the others are single `key: value  # comment` lines
+    (trainer keys at two spaces of indentation, `model.init_args` keys at four, as in a run file).
+    """
+    text, _ = strategy_file(name)
+    trainer_text, found, model_text = text.partition("\nmodel:\n")
+    assert found, f"configs/strategy/{name}: no top-level `model:` section after `trainer:`"
+    trainer_lines, model_lines = trainer_text.splitlines(), model_text.splitlines()
+
+    def line(lines: list[str], key: str) -> str:
+        matches = [ln for ln in lines if ln.startswith(key + ":")]
+        assert len(matches) == 1, f"configs/strategy/{name}: expected one `{key.strip()}:` line, found {len(matches)}"
+        return matches[0]
+
+    start = trainer_lines.index(line(trainer_lines, "  strategy"))
+    end = next((i for i in range(start + 1, len(trainer_lines)) if not trainer_lines[i].startswith("    ")),
+               len(trainer_lines))
+    return {"accelerator": line(trainer_lines, "  accelerator"), "strategy": "\n".join(trainer_lines[start:end]),
+            "precision": line(trainer_lines, "  precision"), "dtype": line(model_lines, "    dtype"),
+            "gradient_checkpointing": line(model_lines, "    gradient_checkpointing")}
+
+
+def flow(value: Any) -> str:
+    """`value` as inline YAML: True -> true, 5e-07 -> 5.0e-07."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """Where a run fits; every setup keeps the original 32 pairs per optimizer step."""
+    """Where a run fits: a configs/strategy/ file; every setup keeps the original 32 pairs per optimizer step."""
 
-    devices: int
-    accumulate: int  # trainer.accumulate_grad_batches
-    offload: bool  # ZeRO-3 CPU offload of parameters and optimizer states
+    strategy: str  # configs/strategy/<strategy>: its trainer and model lines are copied into the run
     batch: int = 4  # pairs per GPU per forward
 
+    @property
+    def setup(self) -> dict[str, Any]:
+        return strategy_file(self.strategy)[1]
 
-EIGHT_GPUS = Hardware(devices=8, accumulate=1, offload=False)
-SINGLE_A100 = Hardware(devices=1, accumulate=8, offload=True)
+    @property
+    def devices(self) -> int:
+        return self.setup["trainer"]["devices"]
+
+    @property
+    def accumulate(self) -> int:  # trainer.accumulate_grad_batches
+        steps, rest = divmod(PAIRS_PER_STEP, self.devices * self.batch)
+        assert steps >= 1 and rest == 0, f"{self.strategy}: {self.devices} GPUs x {self.batch} pairs do not divide 32"
+        return steps
+
+    @property
+    def offload(self) -> bool:  # ZeRO-3 CPU offload of parameters and optimizer states
+        init_args = self.setup["trainer"]["strategy"]["init_args"]
+        return bool(init_args.get("offload_parameters") or init_args.get("offload_optimizer"))
+
+    @property
+    def optimizer(self) -> str:
+        """The original AdamW (lr 5e-7, no weight decay) in the optimizer class the strategy file asks for.
+
+        With CPU offload that is DeepSpeedCPUAdam in AdamW mode: ZeRO-Offload refuses a torch optimizer
+        (DeepSpeed's zero_force_ds_cpu_optimizer); the update is the same.
+        """
+        chosen = self.setup.get("model", {}).get("init_args", {}).get("optimizer")
+        if chosen is None:
+            return "{class_path: torch.optim.AdamW, init_args: {lr: 5.0e-7, weight_decay: 0.0}}"
+        extra = "".join(f", {key}: {flow(value)}" for key, value in chosen.get("init_args", {}).items())
+        return (f"{{class_path: {chosen['class_path']},\n"
+                f"                init_args: {{lr: 5.0e-7, weight_decay: 0.0{extra}}}}}")
+
+
+EIGHT_GPUS = Hardware("zero3_8gpu_bf16.yaml")
+SINGLE_A100 = Hardware("a100_offload.yaml")
 
 
 @dataclass(frozen=True)
@@ -110,25 +190,6 @@ SINGLE_A100_NOTE = """\
 ORIGINAL_SETUP = ("AdamW lr 5e-7, 10% linear warmup then linear decay, 3 epochs, 4 pairs/GPU x 8 GPUs,\n"
                   "# max length 2048, bf16, gradient checkpointing, DeepSpeed ZeRO-3, gradient clipping 1.0.")
 
-STRATEGY = {
-    False: """\
-      stage: 3                        # ZeRO-3: bf16 weights, gradients and Adam states sharded over the GPUs
-      offload_optimizer: false        # everything stays on the GPUs (docs/memory.md: ~35 of 80 GB per GPU)
-      offload_parameters: false""",
-    True: """\
-      stage: 3                        # ZeRO-3: needed to offload the bf16 weights themselves
-      offload_optimizer: true         # fp32 master weights + Adam m, v in host RAM, stepped on the CPU
-      offload_parameters: true        # bf16 weights in host RAM, fetched to the GPU layer by layer
-      pin_memory: true                # page-locked host buffers (faster copies; docs/memory.md: ~200 GB RAM)""",
-}
-
-OPTIMIZER = {
-    False: "{class_path: torch.optim.AdamW, init_args: {lr: 5.0e-7, weight_decay: 0.0}}",
-    # ZeRO-Offload refuses a torch optimizer (DeepSpeed's zero_force_ds_cpu_optimizer); same AdamW math.
-    True: "{class_path: deepspeed.ops.adam.DeepSpeedCPUAdam,\n"
-          "                init_args: {lr: 5.0e-7, weight_decay: 0.0, adamw_mode: true}}",
-}
-
 REFERENCE_COMMENT = {
     "precomputed": "Δref from the dataset's stored log-probs: no reference model in memory",
     "none": "reference-free: Δref = 0, reward β log pθ(y|x)",
@@ -144,14 +205,10 @@ RUN = Template("""\
 $hardware_note# Run: python -m lightning_modules fit --config configs/refdpo/$relpath
 seed_everything: 0
 trainer:
-  accelerator: gpu
+$accelerator
   devices: $devices                          # GPUs: $devices x $batch pairs x $accumulate accumulation = 32 pairs/step
-  strategy:
-    class_path: lightning.pytorch.strategies.DeepSpeedStrategy
-    init_args:
 $strategy
-      logging_batch_size_per_gpu: $batch   # DeepSpeed's train_micro_batch_size_per_gpu: equals data.batch_size
-  precision: bf16-mixed               # DeepSpeed bf16: bf16 weights/activations, fp32 master weights + Adam
+$precision
   max_epochs: 3
   accumulate_grad_batches: $accumulate
   gradient_clip_val: 1.0              # DeepSpeed's gradient_clipping (global norm)
@@ -174,8 +231,8 @@ model:
     objective: Sigmoid                # -log σ(β(Δθ - Δref)), Rafailov et al. 2023 eq. 7
     beta: $beta
     reference: $reference${reference_pad}# $reference_comment
-    dtype: bfloat16
-    gradient_checkpointing: true      # keep one hidden state per layer, recompute the rest in backward
+$dtype
+$gradient_checkpointing
     optimizer: $optimizer
     lr_scheduler:
       class_path: lightning_modules.optim.LinearWarmupDecay
@@ -219,10 +276,10 @@ def render_run(group: Group, beta: float, hardware: Hardware = EIGHT_GPUS) -> tu
         beta_text=beta_name(beta), data=group.data, reference_logps=REFERENCE_LOGPS[group.data],
         result=group.results.get(beta, "not reported").replace("**", ""), original_setup=ORIGINAL_SETUP,
         hardware_note=hardware_note, relpath=relpath, devices=hardware.devices, batch=hardware.batch,
-        accumulate=hardware.accumulate, strategy=STRATEGY[hardware.offload], run_dir=run_dir,
+        accumulate=hardware.accumulate, run_dir=run_dir, **copied_lines(hardware.strategy),
         beta=repr(float(beta)),
         reference=group.reference, reference_pad=pad(f"    reference: {group.reference}"),
-        reference_comment=REFERENCE_COMMENT[group.reference], optimizer=OPTIMIZER[hardware.offload],
+        reference_comment=REFERENCE_COMMENT[group.reference], optimizer=hardware.optimizer,
         data_pad=pad(f"    name: {group.data}"), insert_eos=str(policy.insert_eos).lower(),
         eos_pad=pad(f"    insert_eos: {str(policy.insert_eos).lower()}"),
     )
@@ -243,6 +300,9 @@ python configs/refdpo/generate.py            # after editing the grid or the sha
 ```
 
 Lightning launches one process per GPU itself (or use `torchrun` / SLURM for several nodes).
+The hardware lines of each run (accelerator, DeepSpeed strategy, precision, `dtype`,
+`gradient_checkpointing`) are copied from `configs/strategy/zero3_8gpu_bf16.yaml` (single-A100 variant:
+`configs/strategy/a100_offload.yaml`), the files that put any other experiment on the same hardware.
 Each run writes a fresh `runs/refdpo/<group>/beta_<β>/version_N/` (`checkpoints/`, `metrics.json`,
 `export/`, TensorBoard events, `config.yaml`), and `runs/refdpo/<group>/beta_<β>/latest` points at the newest.
 
