@@ -353,3 +353,16 @@ def test_fit_and_export_print_no_known_noise(assets, tmp_path):
     output = result.stdout + result.stderr
     assert "exported policy + tokenizer" in output
     assert not [line for line in output.splitlines() if any(noise in line for noise in NOISE)], output
+
+
+# ---- 6. contradictory trainer settings (Lightning's MisconfigurationException) ------------------
+
+
+def test_contradictory_trainer_settings_are_one_paragraph(assets, tmp_path, cli_env, capsys, monkeypatch):
+    """`logger=false` with the config's LearningRateMonitor. Was: exit 1 and a MisconfigurationException traceback."""
+    config = write_localized(DPO_YAML, assets, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(["fit", "--config", str(config), "--trainer.logger=false", "--trainer.max_steps=1",
+                               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], capsys)
+    assert status == 2
+    assert "LearningRateMonitor" in one_paragraph(err)

@@ -21,11 +21,20 @@ class UserInputError(ValueError):
     """Bad input from the user: the message names the offending key, file or row."""
 
 
+def _is_lightning_misconfiguration(error: BaseException) -> bool:
+    """Lightning's `MisconfigurationException`: a trainer setting that contradicts another (a user error).
+
+    Matched by name so this bottom-layer module does not import Lightning.
+    """
+    return any(cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+               for cls in type(error).__mro__)
+
+
 def find_user_error(error: BaseException | None) -> Exception | None:
-    """The first user error (bad value, bad `${...}` interpolation) in an exception's cause/context chain."""
+    """The first user error (bad value, bad `${...}` interpolation, a contradictory trainer setting) in a chain."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (UserInputError, OmegaConfBaseException)):
+        if isinstance(error, (UserInputError, OmegaConfBaseException)) or _is_lightning_misconfiguration(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
