@@ -1,4 +1,9 @@
-"""`ExportPretrained`: save the final policy + tokenizer with `save_pretrained` (loads with `from_pretrained`)."""
+"""`ExportPretrained`: save the final policy + tokenizer with `save_pretrained` (loads with `from_pretrained`).
+
+Under DeepSpeed ZeRO-3 each rank holds only a partition of every weight, so the export first gathers
+the weights (`models.zero.gathered_state_dict`, one module at a time, on every rank) and rank 0 writes
+them; without that, `save_pretrained` would write the ranks' empty placeholders.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,11 @@ import lightning as L
 
 from datamodules.utils.files import default_dir_mode, default_file_mode
 from lightning_modules.models.adapters import has_adapters, merged_copy
+from lightning_modules.models.zero import gathered_state_dict, is_partitioned
 from lightning_modules.runtime.run_dir import resolve_in_run_dir
 
 
-def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
+def export_pretrained(model, tokenizer, dirpath: str | Path, state_dict: dict | None = None) -> Path:
     """Write model + tokenizer so that `dirpath` is, at every instant, either the old export or the new one.
 
     The files go to a fresh sibling folder `.<name>-<random>`; `dirpath` is then a symlink switched to
@@ -26,14 +32,23 @@ def export_pretrained(model, tokenizer, dirpath: str | Path) -> Path:
     A LoRA / QLoRA policy (peft) is exported with its adapters merged into a copy of its base
     (`adapters.merged_copy`; a 4-bit base is dequantized to float first), as a plain float model that
     `from_pretrained` loads: no adapter files, no quantization config. `model` itself is not changed.
+
+    `state_dict` replaces `model`'s own weights (the gathered weights of a ZeRO-3 model); a partitioned
+    model without it is refused, never written as empty tensors.
     """
+    if state_dict is None and is_partitioned(model):
+        raise ValueError("the model's weights are ZeRO-3 partitions: pass state_dict=gathered_state_dict(model), "
+                         "gathered on every rank")
     if has_adapters(model):
         model = merged_copy(model)
     target = Path(dirpath)
     target.parent.mkdir(parents=True, exist_ok=True)
     content = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(content)
+        if state_dict is None:
+            model.save_pretrained(content)
+        else:
+            model.save_pretrained(content, state_dict=state_dict)
         if tokenizer is not None:
             side = tokenizer.padding_side
             tokenizer.padding_side = "right"
@@ -86,8 +101,11 @@ class ExportPretrained(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        policy = pl_module.policy
+        # ZeRO-3: a collective on every rank (the partitioning is the same on all, so all take this branch)
+        state_dict = gathered_state_dict(policy) if is_partitioned(policy) else None
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            path = export_pretrained(pl_module.policy, tokenizer, resolve_in_run_dir(self.dirpath, trainer))
+            path = export_pretrained(policy, tokenizer, resolve_in_run_dir(self.dirpath, trainer), state_dict=state_dict)
             print(f"exported policy + tokenizer to {path}")
         trainer.strategy.barrier()

@@ -11,6 +11,8 @@ other buffers (integer counters, masks) are copied. The reference stays frozen a
 
 The reference is not part of the module's checkpoint (`DPOModule` rebuilds it from its source), so
 once synced, this callback saves the synced weights with the checkpoint and restores them on resume.
+Under DeepSpeed ZeRO-3 the reference and the policy are partitioned alike; the update and the
+checkpointed weights are then gathered one module at a time (`lightning_modules.models.zero`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from datamodules.utils.errors import UserInputError
+from lightning_modules.models.zero import gathered_state_dict, is_partitioned, load_gathered_state_dict
 
 SyncMode = Literal["soft", "hard"]
 CHECKPOINT_KEY = "reference_sync/reference"
@@ -40,10 +43,14 @@ def live_reference_model(pl_module: L.LightningModule) -> nn.Module:
     return model
 
 
+def layout(model: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """(shape, dtype) of every parameter and buffer; a ZeRO-3 partitioned parameter's full shape (`ds_shape`)."""
+    return {n: (getattr(t, "ds_shape", t.shape), t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def check_same_layout(reference: nn.Module, policy: nn.Module) -> None:
     """Raise a UserInputError unless both models have the same parameter and buffer names, shapes and dtypes."""
-    ref = {n: (t.shape, t.dtype) for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
-    pol = {n: (t.shape, t.dtype) for n, t in [*policy.named_parameters(), *policy.named_buffers()]}
+    ref, pol = layout(reference), layout(policy)
     if ref == pol:
         return
     only_ref, only_pol = sorted(ref.keys() - pol.keys()), sorted(pol.keys() - ref.keys())
@@ -59,17 +66,52 @@ def check_same_layout(reference: nn.Module, policy: nn.Module) -> None:
 
 @torch.no_grad()
 def sync_reference(reference: nn.Module, policy: nn.Module, alpha: float, mode: SyncMode = "soft") -> None:
-    """In place: ref ← α·θ + (1 − α)·ref (soft) or ref ← θ (hard), for every parameter and buffer."""
+    """In place: ref ← α·θ + (1 − α)·ref (soft) or ref ← θ (hard), for every parameter and buffer.
+
+    Under DeepSpeed ZeRO-3 (both models partitioned) this is a collective on every rank, one module at
+    a time (`sync_partitioned`).
+    """
     check_same_layout(reference, policy)
-    theta = {**dict(policy.named_parameters()), **dict(policy.named_buffers())}
-    for name, ref in [*reference.named_parameters(), *reference.named_buffers()]:
-        new = theta[name].to(ref.device)
-        if mode == "hard" or not ref.is_floating_point():
-            ref.copy_(new)
-        else:
-            ref.mul_(1.0 - alpha).add_(new, alpha=alpha)
+    if is_partitioned(reference) or is_partitioned(policy):
+        sync_partitioned(reference, policy, alpha, mode)
+    else:
+        theta = {**dict(policy.named_parameters()), **dict(policy.named_buffers())}
+        for name, ref in [*reference.named_parameters(), *reference.named_buffers()]:
+            update(ref, theta[name], alpha, mode)
     reference.eval()
     reference.requires_grad_(False)
+
+
+def update(ref: torch.Tensor, theta: torch.Tensor, alpha: float, mode: SyncMode) -> None:
+    new = theta.to(ref.device)
+    if mode == "hard" or not ref.is_floating_point():
+        ref.copy_(new)
+    else:
+        ref.mul_(1.0 - alpha).add_(new, alpha=alpha)
+
+
+def sync_partitioned(reference: nn.Module, policy: nn.Module, alpha: float, mode: SyncMode) -> None:
+    """`sync_reference` for ZeRO-3 models: per module, gather θ (read-only) and ref (rank 0 writes), update.
+
+    Every rank computes the same update on the gathered weights; leaving the context re-partitions
+    rank 0's. Only two modules' weights are whole at a time. A parameter shared by two modules (tied
+    embeddings) is updated once, as `named_parameters` lists it once.
+    """
+    import deepspeed
+
+    policy_modules = dict(policy.named_modules())
+    done: set[int] = set()
+    for name, ref_module in reference.named_modules():
+        theta_module = policy_modules[name]
+        pairs = [(p, theta_module.get_parameter(n)) for n, p in ref_module.named_parameters(recurse=False)
+                 if id(p) not in done]
+        done.update(id(p) for p, _ in pairs)
+        with deepspeed.zero.GatheredParameters([t for _, t in pairs], modifier_rank=None), \
+                deepspeed.zero.GatheredParameters([p for p, _ in pairs], modifier_rank=0):
+            for ref, theta in pairs:
+                update(ref, theta, alpha, mode)
+        for n, buffer in ref_module.named_buffers(recurse=False):  # buffers are whole on every rank
+            update(buffer, theta_module.get_buffer(n), alpha, mode)
 
 
 class ReferenceSync(L.Callback):
@@ -117,10 +159,16 @@ class ReferenceSync(L.Callback):
         self.syncs = state_dict["syncs"]
         self.last_synced_step = state_dict["last_synced_step"]
 
+    # Under ZeRO-3 both hooks are collectives (every rank calls them); the weights are gathered to rank 0's checkpoint.
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.syncs > 0:
-            checkpoint[CHECKPOINT_KEY] = live_reference_model(pl_module).state_dict()
+            model = live_reference_model(pl_module)
+            checkpoint[CHECKPOINT_KEY] = gathered_state_dict(model) if is_partitioned(model) else model.state_dict()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if CHECKPOINT_KEY in checkpoint:
-            live_reference_model(pl_module).load_state_dict(checkpoint[CHECKPOINT_KEY])
+            model = live_reference_model(pl_module)
+            if is_partitioned(model):
+                load_gathered_state_dict(model, checkpoint[CHECKPOINT_KEY])
+            else:
+                model.load_state_dict(checkpoint[CHECKPOINT_KEY])

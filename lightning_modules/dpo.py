@@ -2,7 +2,9 @@
 
 One shared step: policy log-probs (one concatenated forward) → reference log-probs → objective →
 metrics. The reference lives in `self.reference`, is never optimized and is left out of checkpoints
-(it is rebuilt from its source when the module is configured).
+(it is rebuilt from its source when the module is configured). Under DeepSpeed ZeRO-3 the default live
+reference is loaded again from `model_name_or_path` rather than copied (a copy of partitioned weights
+is empty), so it is partitioned like the policy and gathered layer by layer at its forward.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datamodules.utils.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.objectives import OBJECTIVE_CLASSES, Objective, Sigmoid, nll_loss, preference_metrics
 from lightning_modules.models.loading import load_causal_lm
+from lightning_modules.models.zero import is_partitioned
 from lightning_modules.policy import PolicyModule
 from lightning_modules.models.quantization import Quantization, load_reference_model
 from lightning_modules.references.providers import (AdapterOffReference, CachedReference, LiveReference, NoReference,
@@ -101,12 +104,18 @@ class DPOModule(PolicyModule):
             self.reference = AdapterOffReference(self.policy, average=self.average_logps)
         elif self.reference_mode == "live":
             source = self.reference_name_or_path or self.model_name_or_path
+            if self.reference_quantization != "none" and is_partitioned(self.policy):
+                raise UserInputError(
+                    f"model.reference_quantization={self.reference_quantization!r} is not supported under DeepSpeed "
+                    "ZeRO-3 yet (bitsandbytes weights cannot be partitioned); use the float live reference, which "
+                    "ZeRO-3 partitions like the policy, or reference: precomputed / cached (no reference model)")
             if self.reference_quantization != "none":  # quantized at load time, kept out of the optimizer
                 model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization)
-            elif self.reference_name_or_path is None:
+            elif self.reference_name_or_path is None and not is_partitioned(self.policy):
                 model = copy.deepcopy(self.policy)
-            else:
-                model = load_causal_lm(self.reference_name_or_path, dtype=self.dtype_name, key="model.reference_name_or_path")
+            else:  # a named reference, or (ZeRO-3: a copy of partitions is empty) the policy's own source again
+                key = "model.reference_name_or_path" if self.reference_name_or_path else "model.model_name_or_path"
+                model = load_causal_lm(source, dtype=self.dtype_name, key=key)
             self.reference = LiveReference(model, average=self.average_logps)
         elif self.reference_mode == "precomputed":
             self.reference = PrecomputedReference()

@@ -27,10 +27,11 @@ from datamodules.utils.errors import UserInputError
 from lightning_modules.models.generation import generate_with_datamodule
 from lightning_modules.models.loading import Dtype, load_causal_lm
 from lightning_modules.models.adapters import LoraSpec, load_lora_policy
+from lightning_modules.models.zero import complete_deepspeed_config, hf_zero3_config
 from lightning_modules.runtime import rng
 from lightning_modules.runtime.guard import NonFiniteGuard
 from lightning_modules.runtime.rng import RNGRestore
-from lightning_modules.runtime.run_dir import mark_latest
+from lightning_modules.runtime.run_dir import mark_latest, run_dir_of
 from lightning_modules.runtime.signals import StopSignals, TrainingInterrupted
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
 
@@ -82,9 +83,18 @@ class PolicyModule(L.LightningModule):
         self._skipped_loss = False
         self.policy: PreTrainedModel | PeftModel | None = None  # PeftModel with `lora`
 
+    def setup(self, stage: str) -> None:
+        complete_deepspeed_config(self._trainer)  # DeepSpeed's micro-batch size, before Lightning reads it
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        # ZeRO-3: weights load into their partitions while this lives (models/zero.py); None otherwise
+        self._hf_deepspeed_config = hf_zero3_config(self._trainer)
+        if self._hf_deepspeed_config is not None and self.lora is not None:
+            raise UserInputError("model.lora is not supported under DeepSpeed ZeRO-3 yet (the merged export and the "
+                                 "adapters-off reference need whole weights); use DDP or ZeRO stage 2, which keep the "
+                                 "weights whole on every rank (LoRA's optimizer states are small anyway)")
         if self.lora is None:
             self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
         else:  # a peft PeftModelForCausalLM: called, `.generate`d and `.device`d like the HF model it wraps
@@ -115,12 +125,14 @@ class PolicyModule(L.LightningModule):
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.items() if name != "loss"}, **options)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._step_and_log(batch, "train")
         self._skipped_loss = self._on_any_rank(not bool(torch.isfinite(loss.detach()).all()))
         if self._skipped_loss:
             self._record_step(bad=True, what="loss")
-            return None  # every rank returns None: no backward, so no gradient and no parameter update
+            # Not None: Lightning refuses None under DDP. A zero loss keeps every rank's backward (and DDP's
+            # all-reduce) in step; `on_before_optimizer_step` then drops the gradients, so nothing is updated.
+            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
         return loss
 
     # ---- the non-finite guard, the resume contract and stop signals (lightning_modules/runtime) -------------------
@@ -136,8 +148,10 @@ class PolicyModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip the update (drop every gradient) when the gradient norm is non-finite on any rank."""
-        if self._skipped_loss:  # Lightning still steps the optimizer after a None loss; nothing has a gradient
+        if self._skipped_loss:  # already recorded in `training_step`: drop the (meaningless) gradients
             self._skipped_loss = False
+            for p in self.parameters():
+                p.grad = None
             return
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
@@ -154,6 +168,13 @@ class PolicyModule(L.LightningModule):
     def on_train_start(self) -> None:
         # After Lightning registered its own handlers, whose teardown restores the pre-fit ones on every exit path.
         self._stop_signals.install()
+        # Lightning 2.6.6 restores the training loader's position only when it builds the loader after loading the
+        # checkpoint. With max_epochs set, `configure_optimizers` (our schedule's total step count) builds it first,
+        # so the position waits unused and a resumed run would replay the epoch: hand it over here, before the first
+        # batch is drawn (the loader's iterator reads it lazily).
+        fit_loop = self.trainer.fit_loop
+        if fit_loop.restarting and getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
 
     def on_train_end(self) -> None:
         self._stop_signals.uninstall()
@@ -167,7 +188,7 @@ class PolicyModule(L.LightningModule):
         if not self._on_any_rank(received is not None):
             return
         trainer = self.trainer
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.log_dir or ".") / "checkpoints"
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or run_dir_of(trainer) / "checkpoints"
         path = str(Path(folder) / f"interrupted-step={trainer.global_step}.ckpt")
         trainer.save_checkpoint(path)
         signum = received or signal.SIGTERM

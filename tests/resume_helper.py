@@ -46,7 +46,10 @@ def _fit(make_module: Callable[[], L.LightningModule], make_data: Callable[[], L
     L.seed_everything(seed, verbose=False)
     recorder = LossRecorder()
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)  # else Lightning would write ./checkpoints
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    # max_epochs set as in the shipped configs: the LR schedule's step count then builds the training loader
+    # before Lightning restores the loop state (the path where a resumed run used to replay the epoch).
+    trainer = L.Trainer(max_steps=steps, max_epochs=100, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False,
                         enable_checkpointing=checkpointing,
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[recorder, *callbacks, *make_callbacks()])

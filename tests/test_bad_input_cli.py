@@ -366,3 +366,31 @@ def test_contradictory_trainer_settings_are_one_paragraph(assets, tmp_path, cli_
                                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], capsys)
     assert status == 2
     assert "LearningRateMonitor" in one_paragraph(err)
+
+
+# ---- 7. a spawned rank never outlives its launcher ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_spawned_rank_ends_when_its_launcher_dies(tmp_path):
+    """A rank with LOCAL_RANK=1 (as Lightning's launcher starts it) is signalled when the launcher dies.
+
+    Was: a rank-0 crash before the process group was up left rank 1 waiting 30 minutes for it.
+    """
+    child = ("import os, sys, time; os.environ['LOCAL_RANK'] = '1'\n"
+             "from lightning_modules.cli.app import die_with_launcher\n"
+             "die_with_launcher(); print(os.getpid(), flush=True); time.sleep(120)\n")
+    parent = ("import subprocess, sys\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True)\n"
+              "print(p.stdout.readline().strip(), flush=True)\n")  # the child is ready; the parent exits now
+    result = subprocess.run([sys.executable, "-c", parent], cwd=REPO, capture_output=True, text=True, timeout=120)
+    pid = int(result.stdout.strip())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # gone with its launcher
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    pytest.fail("the spawned rank outlived its launcher by 20 s")

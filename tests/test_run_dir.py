@@ -37,8 +37,11 @@ def test_claiming_skips_taken_versions_and_latest_moves(tmp_path: Path) -> None:
 
 
 def test_relative_outputs_land_in_the_run_directory(tmp_path: Path) -> None:
-    class Trainer:
+    class Logger:
         log_dir = str(tmp_path / "job/version_2")
+
+    class Trainer:
+        logger = Logger()
 
     assert resolve_in_run_dir("export", Trainer()) == tmp_path / "job/version_2/export"
     assert resolve_in_run_dir(tmp_path / "abs.json", Trainer()) == tmp_path / "abs.json"

@@ -13,8 +13,11 @@ a Lightning-internal deprecation) is filtered narrowly (`quiet_known_noise`).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import signal
+import sys
 import zipfile
 from pathlib import Path
 
@@ -88,8 +91,24 @@ class PrefOptCLI(LightningCLI):
     before_validate = before_test = before_predict = before_fit
 
 
+def die_with_launcher() -> None:
+    """In a rank that Lightning's launcher spawned (LOCAL_RANK > 0, Linux): get SIGTERM when the launcher dies.
+
+    Without this, a rank-0 crash before the process group is up leaves rank 1 waiting out the rendezvous
+    timeout (30 minutes) instead of ending with it.
+    """
+    if os.environ.get("LOCAL_RANK", "0") == "0" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc/musl: keep going without it
+        pass
+
+
 def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
     """Build (and by default run) the CLI; `args=None` reads `sys.argv`."""
+    die_with_launcher()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_noise()  # again: a caller (tests) may have reset the warning filters
     # `${data.init_args.batch_size}` in a config file means that file's own keys, not `fit.data...`.

@@ -8,12 +8,14 @@ a folder without a model, or a truncated / damaged `*.safetensors` file (named, 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from datamodules.tokenize import check_pretrained_source
 from datamodules.utils.errors import UserInputError
@@ -25,9 +27,16 @@ def load_causal_lm(name_or_path: str, *, dtype: Dtype = "float32", key: str = "m
                    **kwargs) -> PreTrainedModel:
     """Load a causal LM from a hub id or a local folder in HF layout (`kwargs` go to `from_pretrained`).
 
-    `key` is the config key that names `name_or_path` in error messages.
+    `key` is the config key that names `name_or_path` in error messages. Inside DeepSpeed's ZeRO-3 init
+    context (Lightning's `configure_model` under ZeRO-3) the weights load straight into their partitions,
+    which needs a live `HfDeepSpeedConfig` (`models.zero.hf_zero3_config`); without one this fails here,
+    before transformers would initialize weights through empty placeholders.
     """
     check_pretrained_source(name_or_path, key)
+    if zero_init_active() and not is_deepspeed_zero3_enabled():
+        raise RuntimeError(f"loading {name_or_path!r} inside DeepSpeed's ZeRO-3 init context needs a live "
+                           "transformers HfDeepSpeedConfig (lightning_modules.models.zero.hf_zero3_config), kept "
+                           "alive while the model is used; PolicyModule.configure_model creates one")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype), **kwargs)
     except SafetensorError as error:
@@ -37,6 +46,12 @@ def load_causal_lm(name_or_path: str, *, dtype: Dtype = "float32", key: str = "m
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.pad_token_id
     return model
+
+
+def zero_init_active() -> bool:
+    """True inside `deepspeed.zero.Init` (where new parameters are partitioned); never imports DeepSpeed."""
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return module is not None and getattr(module, "zero_init_context", 0) > 0
 
 
 def damaged_safetensors(folder: Path) -> list[Path]:

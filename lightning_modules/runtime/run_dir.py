@@ -82,10 +82,18 @@ def mark_latest(trainer: Any) -> None:
         point_latest(logger.run_dir)
 
 
+def run_dir_of(trainer: Any) -> Path:
+    """The run directory: the logger's folder, else `default_root_dir`.
+
+    Not `trainer.log_dir`, which is a collective (a broadcast from rank 0) under DDP and would hang when
+    only rank 0 asks, as a callback writing a file does.
+    """
+    logger = getattr(trainer, "logger", None)
+    folder = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(folder or getattr(trainer, "default_root_dir", None) or ".")
+
+
 def resolve_in_run_dir(path: str | os.PathLike, trainer: Any) -> Path:
-    """An absolute path as is; a relative one inside the run directory (`trainer.log_dir`, or the working dir)."""
+    """An absolute path as is; a relative one inside the run directory (`run_dir_of`)."""
     path = Path(path)
-    if path.is_absolute():
-        return path
-    base = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or "."
-    return Path(base) / path
+    return path if path.is_absolute() else run_dir_of(trainer) / path
