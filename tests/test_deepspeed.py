@@ -7,9 +7,9 @@ with `stage3_param_persistence_threshold: 0`, so that every parameter stays part
 model's do. ZeRO changes where the states live, not the arithmetic, so the exported policy must
 equal the DDP run's (and the one-process run's) to float rounding.
 
-Every fit here sets `max_epochs=-1` (steps only): with `max_epochs` set, Lightning builds the training
-loader while configuring the optimizer's schedule, before it restores a checkpoint's loop state, and a
-resumed run then restarts the epoch's data (with any strategy; see the resume test).
+The fits keep the config's `max_epochs`: Lightning then builds the training loader while configuring the
+optimizer's schedule, before it restores a checkpoint's loop state; `PolicyModule.on_train_start` hands
+the saved loader position over, so the resume test covers that path too.
 """
 
 from __future__ import annotations
@@ -22,20 +22,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from datamodules.utils.errors import UserInputError
-from deepspeed_cpu import CRASH_RANK0_ENV, CPUDeepSpeedStrategy, cli_env, fit_two_ranks, group_alive, run_cli, \
-    zero_strategy
+from deepspeed_cpu import CRASH_RANK0_ENV, STRATEGY, CPUDeepSpeedStrategy, cli_env, fit_two_ranks, group_alive, \
+    run_cli, zero_strategy
 from lightning_modules.models.zero import complete_deepspeed_config, hf_zero3_config, is_partitioned
 from test_configs import REPO, write_localized
 
 STEPS = 3
 ZERO3 = zero_strategy(3)
-COMMON = [f"--trainer.max_steps={STEPS}", "--trainer.max_epochs=-1", "--model.init_args.optimizer.momentum=0.9"]
+COMMON = [f"--trainer.max_steps={STEPS}", "--model.init_args.optimizer.momentum=0.9"]
 
 
 def checkpoint_every_step(folder: Path) -> dict:
@@ -221,3 +222,23 @@ def test_rank0_crash_before_rendezvous_never_hangs(config: Path, tmp_path: Path)
     while group_alive(run.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(run.pid), "a rank outlived the run"
+
+
+@pytest.mark.slow
+def test_shipped_zero3_strategy_file_starts(config: Path, tmp_path: Path) -> None:
+    """`configs/strategy/zero3_8gpu_bf16.yaml` as a GPU user composes it, changing only the device kind and count.
+
+    bf16, gradient checkpointing, the config's own callbacks (metrics, export) and its run directory: the
+    proof that the 8-GPU command starts. Here 2 CPU processes and `CPUDeepSpeedStrategy` (the file's
+    init_args kept) for 3 steps.
+    """
+    run = run_cli(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/zero3_8gpu_bf16.yaml"),
+                   "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy.class_path={STRATEGY}",
+                   f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                   "--data.init_args.batch_size=4"], tmp_path, timeout=300)
+    assert run.returncode == 0, run.tail()
+    run_dir = Path(yaml.safe_load(config.read_text())["trainer"]["default_root_dir"]) / "latest"
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert all(torch.isfinite(p).all() for p in exported.parameters())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == STEPS and math.isfinite(metrics["train/loss"])
