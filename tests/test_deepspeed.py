@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from transformers import AutoModelForCausalLM
 from datamodules.utils.errors import UserInputError
 from deepspeed_cpu import CRASH_RANK0_ENV, STRATEGY, CPUDeepSpeedStrategy, cli_env, fit_two_ranks, group_alive, \
     run_cli, zero_strategy
+from lightning_modules.references.cache_builder import main as build_reference_cache
 from lightning_modules.models.zero import complete_deepspeed_config, hf_zero3_config, is_partitioned
 from test_configs import REPO, write_localized
 
@@ -182,6 +184,19 @@ def test_zero3_live_reference_from_source_and_synced(config: Path, initial, tmp_
     single = fit(config, tmp_path, "auto", "single", reference="live", devices=1, callbacks=sync)
     zero3 = fit(config, tmp_path, ZERO3, "zero3", reference="live", callbacks=sync)
     assert_same_weights(weights(zero3), weights(single), initial)
+
+
+@pytest.mark.slow
+def test_zero3_cached_reference_equals_a_live_one(config: Path, initial, assets: Path, tmp_path: Path) -> None:
+    """Reference log-probs cached once (one process) and read from the batch under ZeRO-3 train exactly as a
+    live reference of the same model does in one process: no reference model exists in the ZeRO-3 run."""
+    data = tmp_path / "prefs"
+    shutil.copytree(assets / "data/prefs", data)  # the cache is written beside the data
+    cache = [f"--data.init_args.path={data}", f"--data.init_args.reference_cache=[{{name_or_path: {assets / 'model'}}}]"]
+    build_reference_cache(["--config", str(config), *cache])
+    live = fit(config, tmp_path, "auto", "live", reference="live", devices=1, extra=[f"--data.init_args.path={data}"])
+    cached = fit(config, tmp_path, ZERO3, "cached", reference="cached", extra=cache)
+    assert_same_weights(weights(cached), weights(live), initial)
 
 
 @pytest.mark.slow
