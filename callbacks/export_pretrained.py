@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 
 from datamodules.utils.files import default_dir_mode, default_file_mode
-from lightning_modules.models.adapters import has_adapters, merged_copy
+from lightning_modules.models.adapters import has_adapters, merged_copy, merged_state_dict
 from lightning_modules.models.zero import gathered_state_dict, is_partitioned
 from lightning_modules.runtime.run_dir import resolve_in_run_dir
 
@@ -33,13 +33,16 @@ def export_pretrained(model, tokenizer, dirpath: str | Path, state_dict: dict | 
     (`adapters.merged_copy`; a 4-bit base is dequantized to float first), as a plain float model that
     `from_pretrained` loads: no adapter files, no quantization config. `model` itself is not changed.
 
-    `state_dict` replaces `model`'s own weights (the gathered weights of a ZeRO-3 model); a partitioned
-    model without it is refused, never written as empty tensors.
+    `state_dict` replaces `model`'s own weights (the gathered weights of a ZeRO-3 model; for a LoRA policy
+    the peft model's, merged by `adapters.merged_state_dict`); a partitioned model without it is refused,
+    never written as empty tensors.
     """
     if state_dict is None and is_partitioned(model):
         raise ValueError("the model's weights are ZeRO-3 partitions: pass state_dict=gathered_state_dict(model), "
                          "gathered on every rank")
-    if has_adapters(model):
+    if has_adapters(model) and state_dict is not None:  # ZeRO-3: fold the adapters into the gathered weights
+        state_dict, model = merged_state_dict(model, state_dict), model.get_base_model()
+    elif has_adapters(model):
         model = merged_copy(model)
     target = Path(dirpath)
     target.parent.mkdir(parents=True, exist_ok=True)

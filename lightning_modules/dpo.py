@@ -19,7 +19,7 @@ from datamodules.utils.errors import UserInputError
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.objectives import OBJECTIVE_CLASSES, Objective, Sigmoid, nll_loss, preference_metrics
 from lightning_modules.models.loading import load_causal_lm
-from lightning_modules.models.zero import is_partitioned
+from lightning_modules.models.zero import deepspeed_strategy_config, is_partitioned, outside_zero3
 from lightning_modules.policy import PolicyModule
 from lightning_modules.models.quantization import Quantization, load_reference_model
 from lightning_modules.references.providers import (AdapterOffReference, CachedReference, LiveReference, NoReference,
@@ -104,19 +104,21 @@ class DPOModule(PolicyModule):
             self.reference = AdapterOffReference(self.policy, average=self.average_logps)
         elif self.reference_mode == "live":
             source = self.reference_name_or_path or self.model_name_or_path
-            if self.reference_quantization != "none" and is_partitioned(self.policy):
-                raise UserInputError(
-                    f"model.reference_quantization={self.reference_quantization!r} is not supported under DeepSpeed "
-                    "ZeRO-3 yet (bitsandbytes weights cannot be partitioned); use the float live reference, which "
-                    "ZeRO-3 partitions like the policy, or reference: precomputed / cached (no reference model)")
+            register = True  # a submodule: moved, wrapped and checkpointed with the policy
             if self.reference_quantization != "none":  # quantized at load time, kept out of the optimizer
-                model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization)
+                # Under DeepSpeed: loaded whole on this rank's device (bitsandbytes weights cannot be partitioned)
+                # and kept out of the engine, which would otherwise partition or cast it (SPEC section 3).
+                register = deepspeed_strategy_config(self._trainer) is None
+                device = self.trainer.strategy.root_device if self._trainer is not None else None
+                with outside_zero3(self._hf_deepspeed_config):
+                    model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization,
+                                                 device=device)
             elif self.reference_name_or_path is None and not is_partitioned(self.policy):
                 model = copy.deepcopy(self.policy)
             else:  # a named reference, or (ZeRO-3: a copy of partitions is empty) the policy's own source again
                 key = "model.reference_name_or_path" if self.reference_name_or_path else "model.model_name_or_path"
                 model = load_causal_lm(source, dtype=self.dtype_name, key=key)
-            self.reference = LiveReference(model, average=self.average_logps)
+            self.reference = LiveReference(model, average=self.average_logps, register=register)
         elif self.reference_mode == "precomputed":
             self.reference = PrecomputedReference()
         elif self.reference_mode == "cached":

@@ -91,10 +91,13 @@ class PolicyModule(L.LightningModule):
             return
         # ZeRO-3: weights load into their partitions while this lives (models/zero.py); None otherwise
         self._hf_deepspeed_config = hf_zero3_config(self._trainer)
-        if self._hf_deepspeed_config is not None and self.lora is not None:
-            raise UserInputError("model.lora is not supported under DeepSpeed ZeRO-3 yet (the merged export and the "
-                                 "adapters-off reference need whole weights); use DDP or ZeRO stage 2, which keep the "
-                                 "weights whole on every rank (LoRA's optimizer states are small anyway)")
+        if self._hf_deepspeed_config is not None and self.lora is not None and self.lora.base_quantization != "none":
+            raise UserInputError(
+                f"model.lora.base_quantization={self.lora.base_quantization!r} (QLoRA) is not supported under DeepSpeed "
+                "ZeRO-3: bitsandbytes' 4-bit weights cannot be partitioned. A 4-bit 7B base is about 4 GB, so it "
+                "needs no partitioning: use configs/strategy/single_gpu_lora_4bit_reference.yaml (one GPU) or add "
+                "configs/strategy/ddp.yaml (several GPUs); or keep ZeRO-3 with a float base "
+                "(model.lora.base_quantization=none)")
         if self.lora is None:
             self.policy = load_causal_lm(self.model_name_or_path, dtype=self.dtype_name)
         else:  # a peft PeftModelForCausalLM: called, `.generate`d and `.device`d like the HF model it wraps

@@ -130,6 +130,18 @@ def test_bad_micro_batch_size_and_no_deepspeed() -> None:
     assert not is_partitioned(torch.nn.Linear(2, 2))
 
 
+def test_qlora_under_zero3_is_refused_before_loading(assets: Path) -> None:
+    """A 4-bit LoRA base cannot be partitioned: one paragraph naming the key and the strategy files to use."""
+    from lightning_modules.dpo import DPOModule
+    from lightning_modules.models.adapters import LoraSpec
+
+    module = DPOModule(str(assets / "model"), lora=LoraSpec(base_quantization="4bit"))
+    module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy(stage=3))
+    with pytest.raises(UserInputError, match=r"model.lora.base_quantization='4bit'.*single_gpu_lora_4bit_reference"):
+        module.configure_model()
+    assert module.policy is None
+
+
 @pytest.mark.slow
 def test_zero3_export_equals_ddp(zero3: tuple[Path, Path], ddp, initial) -> None:
     """ZeRO-3 loads into partitions, trains, and exports gathered weights equal to DDP's; they load back.
@@ -257,3 +269,37 @@ def test_shipped_zero3_strategy_file_starts(config: Path, tmp_path: Path) -> Non
     assert all(torch.isfinite(p).all() for p in exported.parameters())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == STEPS and math.isfinite(metrics["train/loss"])
+
+
+LORA = "--model.init_args.lora={r: 4, alpha: 8.0}"
+
+
+@pytest.mark.slow
+def test_zero3_lora_policy_equals_one_process(config: Path, initial, tmp_path: Path) -> None:
+    """A LoRA policy (float base, frozen and partitioned) whose reference is its own base with the adapters
+    off, under ZeRO-3: the merged export equals a one-process run's, and only adapted linear weights moved.
+
+    Before: refused ("model.lora is not supported under DeepSpeed ZeRO-3 yet"). Loading inside ZeRO-3's init
+    context alone would also be wrong: peft's `B = 0` initialisation runs on empty placeholders, so B keeps
+    `nn.Linear`'s random values and the fresh policy is not its base.
+    """
+    single = weights(fit(config, tmp_path, "auto", "single", reference="live", devices=1, extra=[LORA]))
+    zero3 = weights(fit(config, tmp_path, ZERO3, "zero3", reference="live", extra=[LORA]))
+    assert_same_weights(zero3, single, initial)
+    assert torch.equal(zero3["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # frozen base
+    adapted = [k for k in initial if k.endswith("proj.weight")]
+    assert adapted and all(not torch.equal(zero3[k], initial[k]) for k in adapted)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_zero3_quantized_reference_stays_outside_the_engine(config: Path, initial, tmp_path: Path) -> None:
+    """A 4-bit (nf4) live reference under ZeRO-3 is loaded whole on every rank, outside ZeRO's partitioning,
+    and trains exactly as the same quantized reference does in one process.
+
+    Before: refused ("model.reference_quantization='4bit' is not supported under DeepSpeed ZeRO-3 yet").
+    """
+    quantized = ["--model.init_args.reference_quantization=4bit"]
+    single = weights(fit(config, tmp_path, "auto", "single", reference="live", devices=1, extra=quantized))
+    zero3 = weights(fit(config, tmp_path, ZERO3, "zero3", reference="live", extra=quantized))
+    assert_same_weights(zero3, single, initial)

@@ -17,7 +17,8 @@ from datamodules import PreferenceDataModule
 from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.models.adapters import LoraSpec, adapters_disabled, apply_lora, merged_copy
+from lightning_modules.models.adapters import LoraSpec, adapters_disabled, apply_lora, merged_copy, \
+    merged_state_dict
 from lightning_modules.references.providers import AdapterOffReference
 
 SPEC = LoraSpec(r=4, alpha=8.0)
@@ -104,6 +105,37 @@ def test_merged_export_loads_as_a_plain_model(assets, batch, tmp_path) -> None:
     with adapters_disabled(model):
         torch.testing.assert_close(model(ids).logits, base_model(assets)(ids).logits, rtol=0, atol=0)
     assert not any(isinstance(m, LoraLayer) for m in merged_copy(model).modules())
+
+
+def test_adapters_depend_on_the_seed_only(assets) -> None:
+    """The same seed gives the same A whatever the RNG drew before (strategies draw differently while
+    loading), another seed another A, and B = 0."""
+    torch.manual_seed(0)
+    first = {n: p.detach().clone() for n, p in apply_lora(base_model(assets), SPEC, seed=7).named_parameters()
+             if "lora_" in n}
+    torch.rand(1000)  # another position in the stream
+    second = dict(apply_lora(base_model(assets), SPEC, seed=7).named_parameters())
+    other = dict(apply_lora(base_model(assets), SPEC, seed=8).named_parameters())
+    for name, value in first.items():
+        assert torch.equal(second[name], value), name
+        assert (value == 0).all() if ".lora_B." in name else value.abs().max() > 0
+    a = next(n for n in first if ".lora_A." in n)
+    assert not torch.equal(other[a], first[a])
+
+
+def test_merged_state_dict_equals_peft_merge(assets, batch) -> None:
+    """The merge used for ZeRO-3 exports (from a full state dict, no model copy) equals peft's merge_and_unload."""
+    model = apply_lora(base_model(assets), LoraSpec(r=4, alpha=8.0, target_modules=("q_proj", "down_proj")))
+    for name, param in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(param, std=0.05)
+    merged = merged_state_dict(model, model.state_dict())
+    expected = merged_copy(model).state_dict()
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    plain = base_model(assets)
+    assert sum(not torch.equal(merged[k], v) for k, v in plain.state_dict().items()) == 2 * plain.config.num_hidden_layers
 
 
 def test_lora_training_leaves_the_base_weights_untouched(assets, tmp_path) -> None:

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from datamodules.utils.errors import UserInputError
 from lightning_modules.models.loading import Dtype, load_causal_lm
 from lightning_modules.models.quantization import load_quantized_causal_lm
+from lightning_modules.models.zero import writable
 
 BaseQuantization = Literal["none", "4bit"]
 QUANTIZATION_KEY = "model.lora.base_quantization"
@@ -64,15 +65,45 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
                       target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def apply_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
-    """Freeze `model` and wrap it (in place: its target layers are replaced) in a peft LoRA `PeftModel`."""
+def apply_lora(model: PreTrainedModel, spec: LoraSpec, *, seed: int | None = None) -> PeftModel:
+    """Freeze `model` and wrap it (in place: its target layers are replaced) in a peft LoRA `PeftModel`.
+
+    The adapters are then initialised again by `init_adapters` from `seed` (default: the seed torch was last
+    seeded with, i.e. the run's `seed_everything`), so that every strategy starts from the same A.
+    """
     try:
-        return get_peft_model(model, lora_config(spec))
+        peft_model = get_peft_model(model, lora_config(spec))
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         if "not found" not in str(error):
             raise
         raise UserInputError(f"model.lora.target_modules={list(spec.target_modules)} match no linear layer "
                              f"of the model ({error})") from error
+    init_adapters(peft_model, torch.initial_seed() if seed is None else seed)
+    return peft_model
+
+
+def init_adapters(model: PeftModel, seed: int) -> None:
+    """peft's own LoRA initialisation (A Kaiming-uniform, B = 0), layer by layer from a generator seeded with `seed`.
+
+    Two reasons it is redone after `get_peft_model`:
+    - under ZeRO-3 the adapters are created inside `deepspeed.zero.Init`, so peft's in-place init writes
+      into empty placeholders and B would keep `nn.Linear`'s random values (the fresh policy would not be
+      its base). `zero.writable` gathers each layer's adapters for the init and re-partitions them;
+    - the values then depend on `seed` only, not on how many random numbers loading drew before (which
+      differs between strategies), so one process, DDP and ZeRO-3 start from the same adapters.
+    The global RNG state is left as it was.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in model.modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            for adapter in layer.lora_A:
+                params = [*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()]
+                with torch.no_grad(), writable(params):
+                    layer.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
 def load_lora_policy(
@@ -135,6 +166,32 @@ def merged_copy(model: PeftModel) -> PreTrainedModel:
         set_peft_model_state_dict(float_model, get_peft_model_state_dict(model))  # the trained A, B
         merged = float_model.merge_and_unload()
     return merged.requires_grad_(True)
+
+
+def merged_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of `model`'s base with every active adapter folded in (W + (α/r)·B A), under the base's keys.
+
+    `state` is `model`'s full state dict, e.g. gathered from ZeRO-3 partitions (`zero.gathered_state_dict`),
+    where `merged_copy`'s deep copy is not possible. Float bases only: the sums are taken in float32 and
+    cast back to each weight's dtype, as peft's merge does. The keys lose peft's `base_model.model.`
+    prefix and `.base_layer`, and the adapter tensors are dropped, so `model.get_base_model().save_pretrained(
+    ..., state_dict=...)` writes a plain model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    merged = dict(state)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter in layer.active_adapters:
+            a, b = merged[f"{name}.lora_A.{adapter}.weight"], merged[f"{name}.lora_B.{adapter}.weight"]
+            delta = (b.float() @ a.float()) * layer.scaling[adapter]
+            weight = merged[f"{name}.base_layer.weight"]
+            merged[f"{name}.base_layer.weight"] = (weight.float() + (delta.T if layer.fan_in_fan_out else delta)
+                                                   ).to(weight.dtype)
+    prefix = "base_model.model."
+    return {key.removeprefix(prefix).replace(".base_layer.", "."): value for key, value in merged.items()
+            if ".lora_" not in key}
 
 
 def dequantized_base(model: PeftModel) -> PreTrainedModel:

@@ -49,9 +49,12 @@ def load_causal_lm(name_or_path: str, *, dtype: Dtype = "float32", key: str = "m
 
 
 def zero_init_active() -> bool:
-    """True inside `deepspeed.zero.Init` (where new parameters are partitioned); never imports DeepSpeed."""
+    """True inside `deepspeed.zero.Init` while it partitions new parameters (not while `zero.outside_zero3`
+    suspends it); never imports DeepSpeed."""
     module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    return module is not None and getattr(module, "zero_init_context", 0) > 0
+    if module is None or getattr(module, "zero_init_context", 0) <= 0:
+        return False
+    return bool(getattr(getattr(module, "top_level_context", None), "patched", True))
 
 
 def damaged_safetensors(folder: Path) -> list[Path]:

@@ -15,6 +15,12 @@ an empty placeholder. Three things need to know that:
 - **Export.** The weights a rank holds are placeholders, so `save_pretrained` would write empty
   tensors. `gathered_state_dict` gathers one module at a time on every rank (a collective) and keeps a
   CPU copy on rank 0 only, so no rank ever holds more than one module's full weights on the device.
+- **Initialisation after creation.** An in-place init of a partitioned parameter (peft's `B = 0`)
+  writes into the empty placeholder and changes nothing. `writable` gathers the parameters for the
+  block and re-partitions rank 0's values when it ends.
+- **Models that must stay whole.** A bitsandbytes model (a quantized frozen reference) cannot be
+  partitioned. `outside_zero3` suspends both the init context and `HfDeepSpeedConfig` while such a
+  model is built, so it loads whole on every rank; its owner keeps it out of the engine (unregistered).
 
 `complete_deepspeed_config` fixes the one batch-size key of Lightning's DeepSpeed config (below). Without a
 DeepSpeed strategy every function here is a no-op and DeepSpeed is never imported.
@@ -23,6 +29,8 @@ DeepSpeed strategy every function here is a no-op and DeepSpeed is never importe
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -66,6 +74,45 @@ def hf_zero3_config(trainer: Any):
 def is_partitioned(model: Any) -> bool:
     """True when `model` is a module with ZeRO-3 parameters (partitioned by `deepspeed.zero.Init`)."""
     return isinstance(model, nn.Module) and any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def writable(params: Iterable[nn.Parameter]):
+    """A context in which `params` hold their full values and may be written in place (same values on every rank).
+
+    ZeRO-3 parameters: collective (`deepspeed.zero.GatheredParameters(modifier_rank=0)`; every rank must
+    enter it with the same parameters), and rank 0's values are re-partitioned at the end. Ordinary
+    parameters: nothing to do.
+    """
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+@contextmanager
+def outside_zero3(hf_config: Any) -> Iterator[None]:
+    """Build models whole inside the block, although Lightning's `deepspeed.zero.Init` and `hf_config` are live.
+
+    `hf_config` is the live `HfDeepSpeedConfig` of `hf_zero3_config` (None: not ZeRO-3, nothing to do).
+    Inside, `deepspeed.zero.Init` stops partitioning new parameters and transformers loads as without
+    DeepSpeed; both are restored on exit. The model built there is then the caller's to keep out of
+    the DeepSpeed engine (not registered as a submodule) and to place on its device.
+    """
+    if hf_config is None:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
+        set_hf_deepspeed_config(hf_config)
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, Tensor] | None:

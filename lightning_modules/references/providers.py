@@ -30,9 +30,15 @@ ReferenceMode = Literal["live", "precomputed", "cached", "none"]
 class LiveReference(nn.Module):
     """A frozen causal LM scored with the policy's own log-prob helper."""
 
-    def __init__(self, model: nn.Module, *, average: bool = False):
+    def __init__(self, model: nn.Module, *, average: bool = False, register: bool = True):
+        """`register=False` holds `model` without making it a submodule: no DeepSpeed engine, `.to()` or
+        checkpoint sees it (a quantized reference under DeepSpeed, placed on its device when loaded)."""
         super().__init__()
-        self.model = model.eval()
+        if register:
+            self.model = model
+        else:
+            object.__setattr__(self, "model", model)
+        self.model.eval()
         self.model.requires_grad_(False)
         self.average = average
         self.forward_calls = 0  # counted so tests can assert when no reference pass happens
