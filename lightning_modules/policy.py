@@ -12,6 +12,7 @@ in checkpoints, and a checkpoint plus a non-zero exit on SIGTERM / SIGINT. Subcl
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ class PolicyModule(L.LightningModule):
         self.guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
         self._rng_restore = RNGRestore()
         self._stop_signals = StopSignals()
-        self._skipped_loss = False
+        self._bad_loss = False  # a micro-batch of the current optimizer step had a non-finite loss (on some rank)
+        self._engine_step_pending = False  # DeepSpeed: the engine stepped; read its gradient norm after the step
         self.policy: PreTrainedModel | PeftModel | None = None  # PeftModel with `lora`
 
     def setup(self, stage: str) -> None:
@@ -130,13 +132,15 @@ class PolicyModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._step_and_log(batch, "train")
-        self._skipped_loss = self._on_any_rank(not bool(torch.isfinite(loss.detach()).all()))
-        if self._skipped_loss:
-            self._record_step(bad=True, what="loss")
-            # Not None: Lightning refuses None under DDP. A zero loss keeps every rank's backward (and DDP's
-            # all-reduce) in step; `on_before_optimizer_step` then drops the gradients, so nothing is updated.
-            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
-        return loss
+        if not self._on_any_rank(not bool(torch.isfinite(loss.detach()).all())):
+            return loss * self._deepspeed_accumulation_factor()
+        self._bad_loss = True  # the whole optimizer step is skipped, and counted once (on_before_optimizer_step)
+        # Not None: Lightning refuses None under DDP. A zero loss keeps every rank's backward (and DDP's
+        # all-reduce) in step; `on_before_optimizer_step` then drops the gradients, so nothing is updated.
+        # DeepSpeed steps its own gradient buffers whatever `p.grad` holds, so there every rank returns NaN
+        # instead: all gradients are NaN and the engine skips the step on every rank (see on_before_optimizer_step).
+        finite = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        return finite * float("nan") if self._deepspeed_engine() is not None else finite * 0.0
 
     # ---- the non-finite guard, the resume contract and stop signals (lightning_modules/runtime) -------------------
     def _on_any_rank(self, flag: bool) -> bool:
@@ -150,11 +154,23 @@ class PolicyModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the update (drop every gradient) when the gradient norm is non-finite on any rank."""
-        if self._skipped_loss:  # already recorded in `training_step`: drop the (meaningless) gradients
-            self._skipped_loss = False
+        """Skip the update (drop every gradient) when a micro-batch's loss, or the gradient norm, is non-finite on
+        any rank; one verdict per optimizer step, however many micro-batches it accumulated.
+
+        Under DeepSpeed the gradients live in the engine, not in `p.grad`: the engine skips a step whose
+        gradient norm is not finite itself (every ZeRO stage, DeepSpeed's defaults), and
+        `on_train_batch_end` reads that norm after the step. (DeepSpeed accumulates itself: this hook then
+        runs on every micro-batch, and only the accumulation boundary is a step.)
+        """
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            self._engine_step_pending = bool(engine.is_gradient_accumulation_boundary())
+            return
+        if self._bad_loss:  # drop the (meaningless) gradients
+            self._bad_loss = False
             for p in self.parameters():
                 p.grad = None
+            self._record_step(bad=True, what="loss")
             return
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
@@ -185,8 +201,35 @@ class PolicyModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._rng_restore.apply(self.global_rank)  # first batch after resuming: the saved RNG states
 
+    def _deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine training this module, or None (no trainer, or another strategy)."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "deepspeed_engine", None) if trainer is not None else None
+
+    def _deepspeed_accumulation_factor(self) -> int:
+        """What the loss handed to backward is multiplied by, so that gradients are the mean over micro-batches.
+
+        Lightning divides the loss by `accumulate_grad_batches`, and DeepSpeed's `engine.backward` divides it
+        again (Lightning 2.6.6 / DeepSpeed 0.19.8), so DeepSpeed would accumulate 1/N² of the gradient sum. Measured:
+        ZeRO-3 with N = 2 matched DDP only at twice the learning rate. Undo one division: N under DeepSpeed, else 1.
+        """
+        return self.trainer.accumulate_grad_batches if self._deepspeed_engine() is not None else 1
+
+    def _record_engine_step(self) -> None:
+        """DeepSpeed: count the step as skipped when a micro-batch's loss was non-finite (its NaN gradients made the
+        engine skip) or the engine found the gradient norm non-finite (then it did not step). The norm is the same
+        on every rank (all-reduced by the engine); None (not computed) counts as finite."""
+        self._engine_step_pending = False
+        norm = self._deepspeed_engine().get_global_grad_norm()
+        bad_norm = norm is not None and not math.isfinite(float(norm))
+        bad_loss, self._bad_loss = self._bad_loss, False
+        self._record_step(bad=bad_loss or bad_norm, what="loss" if bad_loss else "gradient norm (DeepSpeed)")
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """On SIGTERM / SIGINT (any rank): write a checkpoint after this step, then exit 128 + signal."""
+        """After a DeepSpeed step, the guard reads its gradient norm. On SIGTERM / SIGINT (any rank): write a
+        checkpoint after this step, then exit 128 + signal."""
+        if self._engine_step_pending:
+            self._record_engine_step()
         received = self._stop_signals.received
         if not self._on_any_rank(received is not None):
             return

@@ -209,3 +209,16 @@ def fit_two_ranks(config: Path, out: Path, strategy: dict[str, Any] | str, *, ex
         *extra,
     ]
     return run_cli(args, out, timeout=timeout)
+
+
+def fit_strategy_file(config: Path, strategy_file: Path, cwd: Path, *, devices: int = 2, steps: int = 3,
+                      extra: list[str] = (), timeout: float = 300, env: dict[str, str] | None = None) -> Run:
+    """`fit --config <config> --config <strategy_file>` as a GPU user types it, on `devices` CPU processes.
+
+    Only `--trainer.accelerator=cpu`, `--trainer.devices`, `--trainer.max_steps` and `extra` (a smaller batch,
+    a DeepSpeed strategy's class_path swapped to `STRATEGY`) are added: the config's callbacks, logger and
+    run directory stay. Runs through `run_cli` (hard `timeout`, the process group killed at the end).
+    """
+    return run_cli(["fit", "--config", str(config), "--config", str(strategy_file), "--trainer.accelerator=cpu",
+                    f"--trainer.devices={devices}", f"--trainer.max_steps={steps}",
+                    "--trainer.enable_progress_bar=false", *extra], cwd, timeout=timeout, env=env)

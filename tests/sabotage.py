@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lightning_modules.dpo import DPOModule
 
 
@@ -25,4 +27,27 @@ class NaNOnRanks(DPOModule):
         if stage == "train" and self.trainer.fit_loop.total_batch_idx == self.bad_batch \
                 and self.global_rank in self.bad_ranks:
             loss = loss * float("nan")
+        return loss, metrics
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; the gradient flowing back through it becomes NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradientOnRanks(NaNOnRanks):
+    """DPO whose training loss stays finite on batch `bad_batch`, but whose gradients are NaN on `bad_ranks`."""
+
+    def model_step(self, batch, stage):
+        loss, metrics = DPOModule.model_step(self, batch, stage)
+        if stage == "train" and self.trainer.fit_loop.total_batch_idx == self.bad_batch \
+                and self.global_rank in self.bad_ranks:
+            loss = _NaNGradient.apply(loss)
         return loss, metrics

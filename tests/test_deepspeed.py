@@ -23,14 +23,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from datamodules.utils.errors import UserInputError
-from deepspeed_cpu import CRASH_RANK0_ENV, STRATEGY, CPUDeepSpeedStrategy, cli_env, fit_two_ranks, group_alive, \
+from deepspeed_cpu import CRASH_RANK0_ENV, CPUDeepSpeedStrategy, cli_env, fit_two_ranks, group_alive, \
     run_cli, zero_strategy
 from lightning_modules.references.cache_builder import main as build_reference_cache
 from lightning_modules.models.zero import complete_deepspeed_config, hf_zero3_config, is_partitioned
@@ -160,6 +159,22 @@ def test_zero3_export_equals_ddp(zero3: tuple[Path, Path], ddp, initial) -> None
 
 
 @pytest.mark.slow
+def test_zero3_gradient_accumulation_equals_ddp(config: Path, initial, tmp_path: Path) -> None:
+    """2 micro-batches of 4 pairs per rank and optimizer step (with the config's gradient clipping at 1.0):
+    ZeRO-3 equals DDP.
+
+    Before the fix: 0.033 apart. Lightning divides the loss by `accumulate_grad_batches` and DeepSpeed's
+    `engine.backward` divides it again, so the gradients were 1/accumulate² of the mean (ZeRO-3 at twice the
+    learning rate, without clipping, matched DDP to 1e-8): a direct learning-rate cut for SGD / RMSprop, and
+    a clipping threshold `accumulate` times too loose for Adam.
+    """
+    accumulate = ["--trainer.accumulate_grad_batches=2"]
+    ddp = weights(fit(config, tmp_path, "ddp", "ddp", reference="none", extra=accumulate))
+    zero3 = weights(fit(config, tmp_path, ZERO3, "zero3", reference="none", extra=accumulate))
+    assert_same_weights(zero3, ddp, initial)
+
+
+@pytest.mark.slow
 def test_zero3_resume_and_fp32_conversion(config: Path, zero3: tuple[Path, Path], tmp_path: Path) -> None:
     """Resuming from the step-1 ZeRO-3 checkpoint (partitioned weights and momentum) ends where the
     uninterrupted run ended, and DeepSpeed's fp32 conversion of the last checkpoint equals the export."""
@@ -251,26 +266,6 @@ def test_rank0_crash_before_rendezvous_never_hangs(config: Path, tmp_path: Path)
     assert not group_alive(run.pid), "a rank outlived the run"
 
 
-@pytest.mark.slow
-def test_shipped_zero3_strategy_file_starts(config: Path, tmp_path: Path) -> None:
-    """`configs/strategy/zero3_8gpu_bf16.yaml` as a GPU user composes it, changing only the device kind and count.
-
-    bf16, gradient checkpointing, the config's own callbacks (metrics, export) and its run directory: the
-    proof that the 8-GPU command starts. Here 2 CPU processes and `CPUDeepSpeedStrategy` (the file's
-    init_args kept) for 3 steps.
-    """
-    run = run_cli(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/zero3_8gpu_bf16.yaml"),
-                   "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy.class_path={STRATEGY}",
-                   f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-                   "--data.init_args.batch_size=4"], tmp_path, timeout=300)
-    assert run.returncode == 0, run.tail()
-    run_dir = Path(yaml.safe_load(config.read_text())["trainer"]["default_root_dir"]) / "latest"
-    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
-    assert all(torch.isfinite(p).all() for p in exported.parameters())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["step"] == STEPS and math.isfinite(metrics["train/loss"])
-
-
 LORA = "--model.init_args.lora={r: 4, alpha: 8.0}"
 
 
@@ -303,3 +298,28 @@ def test_zero3_quantized_reference_stays_outside_the_engine(config: Path, initia
     single = weights(fit(config, tmp_path, "auto", "single", reference="live", devices=1, extra=quantized))
     zero3 = weights(fit(config, tmp_path, ZERO3, "zero3", reference="live", extra=quantized))
     assert_same_weights(zero3, single, initial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sabotage", "accumulate"), [("NaNOnRanks", 1), ("NaNGradientOnRanks", 1), ("NaNOnRanks", 2)])
+def test_zero3_nan_on_one_rank_skips_the_step_as_ddp_does(sabotage: str, accumulate: int, config: Path, initial,
+                                                          tmp_path: Path) -> None:
+    """A NaN loss, or a finite loss with NaN gradients, on rank 1 at step 2 (`tests/sabotage.py`): ZeRO-3 skips that
+    step on both ranks exactly as DDP does (momentum untouched), counts it in `train/skipped_steps`, and trains on.
+
+    Under DeepSpeed the gradients live in the engine, so the guard cannot read or drop them: the engine itself
+    skips a step whose gradient norm is not finite, and the guard reads that norm after the step. Before:
+    NaN gradients under a finite loss were skipped by the engine but counted as good steps (`skipped_steps`
+    0), so `max_nonfinite_steps` could never stop a run that no longer trained. With 2 micro-batches per
+    step (DeepSpeed accumulates itself, so the guard's hook runs on every micro-batch), the NaN is on the first
+    micro-batch of step 2 and the step counts once.
+    """
+    extra = [f"--model.class_path=sabotage.{sabotage}", "--model.init_args.bad_ranks=[1]", "--trainer.log_every_n_steps=1",
+             f"--trainer.accumulate_grad_batches={accumulate}", f"--model.init_args.bad_batch={1 if accumulate == 1 else 2}"]
+    runs = {}
+    for name, strategy in [("ddp", "ddp"), ("zero3", ZERO3)]:
+        metrics = tmp_path / f"metrics_{name}.json"
+        callbacks = [{"class_path": "callbacks.MetricsJSON", "init_args": {"path": str(metrics)}}]
+        runs[name] = weights(fit(config, tmp_path, strategy, name, reference="none", callbacks=callbacks, extra=extra))
+        assert json.loads(metrics.read_text())["train/skipped_steps"] == 1.0, name
+    assert_same_weights(runs["zero3"], runs["ddp"], initial)

@@ -55,14 +55,14 @@ class Snapshots(L.Callback):
         self.weights.append(torch.cat([p.detach().flatten().clone() for p in pl_module.policy.parameters()]))
 
 
-def fit(assets: Path, batches: int, **module_kwargs) -> tuple[Sabotaged, Snapshots, L.Trainer]:
+def fit(assets: Path, batches: int, accumulate: int = 1, **module_kwargs) -> tuple[Sabotaged, Snapshots, L.Trainer]:
     L.seed_everything(0, verbose=False)
     module = Sabotaged(str(assets / "model"), optimizer=functools.partial(torch.optim.SGD, lr=0.1), **module_kwargs)
     data = SFTDataModule(str(assets / "data/sft"), str(assets / "model"), max_length=64, batch_size=16, val_split=None)
     snapshots = Snapshots()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=batches, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[snapshots])
+                        callbacks=[snapshots], accumulate_grad_batches=accumulate)
     trainer.fit(module, datamodule=data)
     return module, snapshots, trainer
 
@@ -79,6 +79,20 @@ def test_non_finite_steps_are_skipped_and_counted(assets: Path, mode: str) -> No
     assert all(bool(torch.isfinite(x).all()) for x in w)
     assert module.guard.skipped == 2 and module.guard.consecutive == 0
     assert trainer.callback_metrics["train/skipped_steps"].item() == 2.0
+
+
+@pytest.mark.parametrize("mode", ["loss", "gradient"])
+@pytest.mark.parametrize("bad", [2, 3])
+def test_a_bad_micro_batch_skips_its_whole_step_once(assets: Path, mode: str, bad: int) -> None:
+    """Accumulating 2 batches per step: a non-finite first or second micro-batch of step 2 skips step 2 whole,
+    and it counts as one skipped step. Before: a NaN loss on the first micro-batch was counted twice (once
+    for the loss, once more for the NaN gradient it left for the step's norm check)."""
+    module, snaps, _ = fit(assets, batches=6, accumulate=2, bad_batches={bad}, mode=mode)
+    w = snaps.weights
+    assert torch.equal(w[3], w[1])  # step 2 (batches 2-3) changed nothing
+    assert not torch.equal(w[1], w[0]) and not torch.equal(w[5], w[3])  # steps 1 and 3 trained
+    assert all(bool(torch.isfinite(x).all()) for x in w)
+    assert module.guard.skipped == 1 and module.guard.consecutive == 0
 
 
 def test_a_streak_of_non_finite_steps_stops_with_the_step_and_causes(assets: Path) -> None:

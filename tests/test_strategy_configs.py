@@ -13,8 +13,6 @@ setup is argued in `docs/memory.md`.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,6 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.config import DeepSpeedConfig
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from safetensors.torch import load_file
 from test_configs import REPO, write_localized
 
 from lightning_modules.cli import main
@@ -276,25 +273,6 @@ def check_deepspeed_config(trainer, model, expected: dict[str, Any], batch_size:
         optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
         assert type(optimizer) is DeepSpeedCPUAdam
         assert received["adamw_mode"] is True and received["lr"] == 3.0e-5  # the quickstart's lr
-
-
-@pytest.mark.slow
-def test_ddp_file_trains_two_steps_on_two_cpu_processes(assets, tmp_path):
-    """ddp.yaml as written but for accelerator cpu and 2 devices: 2 gloo ranks train, the export moves."""
-    experiment = write_localized(QUICKSTART_DPO, assets, tmp_path)
-    export = tmp_path / "export"
-    args = [sys.executable, "-m", "lightning_modules", "fit", "--config", str(experiment),
-            "--config", str(FOLDER / "ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
-            "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.callbacks=[{{class_path: callbacks.ExportPretrained, init_args: {{dirpath: {export}}}}}]",
-            "--data.init_args.batch_size=4"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PL_DISABLE_FORK": "1"}
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    trained, initial = load_file(export / "model.safetensors"), load_file(assets / "model/model.safetensors")
-    assert all(tensor.dtype == torch.float32 for tensor in trained.values())  # dtype: float32 master weights
-    assert max((trained[k] - initial[k]).abs().max().item() for k in trained) > 1e-6
 
 
 # ---------------------------------------------------------------- docs/memory.md
