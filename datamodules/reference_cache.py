@@ -150,3 +150,20 @@ def load_reference_cache(spec: ReferenceSpec, *, dataset_fingerprint: str, max_l
     params, npz_path, manifest_path = cache_location(spec, dataset_fingerprint=dataset_fingerprint,
                                                      max_length=max_length, cache_dir=cache_dir)
     return read_cache(npz_path, manifest_path, params), manifest_path
+
+
+def reference_labels(specs: Sequence[ReferenceSpec]) -> list[str]:
+    """Short unique names of cached references, for metric keys (`train/alpha/<name>`) and tables.
+
+    The last part of each `name_or_path` (a hub id's model name), with `-<dtype>` unless float32 and
+    `-unconditional` when set; where two still collide, the last two path parts; then an index suffix.
+    """
+    def label(spec: ReferenceSpec, parts: int) -> str:
+        path = Path(str(spec.name_or_path).rstrip("/"))
+        name = "_".join(path.parts[-parts:]) or "reference"
+        return name + ("" if spec.dtype == "float32" else f"-{spec.dtype}") + ("-unconditional" if spec.unconditional else "")
+
+    names = [label(spec, 1) for spec in specs]
+    if len(set(names)) < len(names):
+        names = [label(spec, 2) for spec in specs]
+    return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]

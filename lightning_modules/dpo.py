@@ -16,8 +16,9 @@ from typing import Any, get_args
 from torch import Tensor
 
 from datamodules.utils.errors import UserInputError
-from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.objectives import OBJECTIVE_CLASSES, Objective, Sigmoid, nll_loss, preference_metrics
+from lightning_modules.logprobs import PairLogps, concatenated_forward, preference_accuracy
+from lightning_modules.objectives import (OBJECTIVE_CLASSES, Objective, PreferenceLossOutput, Sigmoid, nll_loss,
+                                          preference_metrics)
 from lightning_modules.models.loading import load_causal_lm
 from lightning_modules.models.zero import deepspeed_strategy_config, is_partitioned, outside_zero3
 from lightning_modules.policy import PolicyModule
@@ -33,14 +34,17 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 
 class DPOModule(PolicyModule):
-    """Direct preference optimization and its variants (cDPO, IPO, hinge, Pref-FT; MRPO / MDPO with fixed α)."""
+    """Direct preference optimization and its variants (cDPO, IPO, hinge, Pref-FT) against one reference.
+
+    MRPO / MDPO (K references) are `lightning_modules.multiref.MultiReferenceModule`, this module plus a
+    weighting strategy.
+    """
 
     def __init__(
         self,
         model_name_or_path: str,
         objective: Objective = Sigmoid(),
         beta: float = 0.1,
-        reference_weights: list[float] | None = None,
         sft_weight: float = 0.0,
         dpo_weight: float = 1.0,
         average_logps: bool = False,
@@ -53,9 +57,8 @@ class DPOModule(PolicyModule):
 
         Args:
             model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
-            objective: the loss and its options: Sigmoid, CDPO, IPO, Hinge, PrefFT, MRPO, MDPO (`--model.init_args.objective.help CDPO`).
+            objective: the loss and its options: Sigmoid, CDPO, IPO, Hinge, PrefFT (`--model.init_args.objective.help CDPO`).
             beta: β, the inverse temperature of the implicit reward β·(logπθ − logπref).
-            reference_weights: fixed α (K,) over the K cached references, for multi-reference objectives (MRPO, MDPO) only.
             sft_weight: weight of an added per-token NLL term on the chosen response (0 = off).
             dpo_weight: weight of the preference loss term; 0 with sft_weight > 0 gives pure Pref-FT.
             average_logps: length-normalize sequence log-probs (use with ipo, as TRL does).
@@ -76,16 +79,9 @@ class DPOModule(PolicyModule):
         if dpo_weight < 0 or sft_weight < 0 or dpo_weight == sft_weight == 0:
             raise UserInputError(f"model.dpo_weight={dpo_weight} and model.sft_weight={sft_weight} must be >= 0 "
                                  "and not both 0 (total loss = dpo_weight·preference + sft_weight·NLL)")
-        multi = objective.reference_shape == "multi"
-        if multi and (reference != "cached" or not reference_weights):
-            raise UserInputError(f"model.objective={objective!r} takes K references: set model.reference=cached (the K "
-                                 "references of data.init_args.reference_cache) and model.reference_weights (α, K values)")
-        if not multi and reference_weights is not None:
-            raise UserInputError(f"model.reference_weights is set, but model.objective={objective!r} takes one reference; "
-                                 "use MRPO or MDPO, or drop reference_weights")
+        self.check_objective(objective)
         self.objective = objective
         self.beta = beta
-        self.reference_weights = None if reference_weights is None else list(reference_weights)
         self.sft_weight = sft_weight
         self.dpo_weight = dpo_weight
         self.average_logps = average_logps
@@ -126,13 +122,20 @@ class DPOModule(PolicyModule):
         else:
             self.reference = NoReference()
 
+    def check_objective(self, objective: Objective) -> None:
+        """A UserInputError unless this module can train `objective` (here: one reference)."""
+        if objective.reference_shape == "multi":
+            raise UserInputError(f"model.objective={objective!r} takes K references: use model.class_path="
+                                 "lightning_modules.multiref.MultiReferenceModule, with the K references in "
+                                 "data.init_args.reference_cache and α from model.init_args.weighting")
+
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         policy = concatenated_forward(self.policy, batch, average=self.average_logps)
         ref_chosen, ref_rejected = self.reference(batch)
-        out = self.objective(policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected,
-                             beta=self.beta, alphas=self.alphas(ref_chosen))
+        out, extra = self.preference_losses(policy, ref_chosen, ref_rejected, batch, stage)
         loss = self.dpo_weight * out.losses.mean()
-        metrics = preference_metrics(out, policy.chosen_logps, policy.rejected_logps)
+        metrics = {**preference_metrics(out, policy.chosen_logps, policy.rejected_logps), **extra}
+        metrics["preference_accuracy"] = preference_accuracy(policy, averaged=self.average_logps).mean()
         if self.dpo_weight != 1.0 or self.sft_weight > 0:
             metrics["pref_loss"] = out.losses.detach().mean()
         if self.sft_weight > 0:
@@ -142,14 +145,10 @@ class DPOModule(PolicyModule):
             metrics["sft_nll"] = chosen_nll.mean().detach()
         return loss, metrics
 
-    def alphas(self, ref_chosen: Tensor) -> Tensor | None:
-        """α (K,) for a multi-reference objective, checked against the K references of the batch."""
-        if self.objective.reference_shape != "multi":
-            return None
-        if ref_chosen.shape[-1] != len(self.reference_weights):
-            raise UserInputError(f"model.reference_weights has {len(self.reference_weights)} values, but the batch "
-                                 f"has K={ref_chosen.shape[-1]} references (data.init_args.reference_cache)")
-        return ref_chosen.new_tensor(self.reference_weights)
+    def preference_losses(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor],
+                          stage: str) -> tuple[PreferenceLossOutput, dict[str, Tensor]]:
+        """The objective's per-pair output, plus any metrics of its own (subclasses: α, per-reference losses)."""
+        return self.objective(policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, beta=self.beta), {}
 
     # The reference is rebuilt from its source, so checkpoints hold the policy only.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

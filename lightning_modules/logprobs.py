@@ -106,3 +106,16 @@ def concatenated_forward(
         rejected_counts=counts[n:],
         hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
     )
+
+
+def preference_accuracy(logps: PairLogps, *, averaged: bool = False) -> Tensor:
+    """(B,) 1.0 where the model's own length-normalized logπ(y_w|x) exceeds logπ(y_l|x), else 0.0.
+
+    The multi-reference study's metric (SPEC section 4). `averaged`: `logps` already came from
+    `concatenated_forward(average=True)`; otherwise the sums are divided by each sequence's token count here.
+    """
+    chosen, rejected = logps.chosen_logps.float(), logps.rejected_logps.float()
+    if not averaged:
+        chosen = chosen / logps.chosen_counts.clamp(min=1)
+        rejected = rejected / logps.rejected_counts.clamp(min=1)
+    return (chosen > rejected).float()

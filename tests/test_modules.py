@@ -176,8 +176,7 @@ def test_sft_weight_with_average_logps_is_not_divided_twice(assets: Path, batch)
     ("kwargs", "pattern"),
     [
         ({"objective": "dpo"}, r"model\.objective='dpo' is not an objective; use one of Sigmoid, CDPO, IPO"),
-        ({"objective": MDPO()}, r"takes K references: set model\.reference=cached"),
-        ({"reference_weights": [0.5, 0.5]}, r"model\.reference_weights is set, but model\.objective=Sigmoid\(\) takes one"),
+        ({"objective": MDPO()}, r"takes K references: use model\.class_path=lightning_modules\.multiref\.MultiReferenceModule"),
         ({"beta": 0.0}, r"model\.beta must be > 0, got 0\.0"),
         ({"beta": -0.1}, r"model\.beta must be > 0"),
         ({"reference": "frozen"}, r"model\.reference='frozen' is not one of \['live', 'precomputed', 'cached', 'none'\]"),

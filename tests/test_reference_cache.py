@@ -30,7 +30,9 @@ from datamodules.collate import PairCollator
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.dpo import DPOModule
 from datamodules.utils.errors import UserInputError
+from lightning_modules.multiref import MultiReferenceModule
 from lightning_modules.objectives import MDPO, OBJECTIVES
+from lightning_modules.weighting import Fixed
 from lightning_modules.models.loading import load_causal_lm
 from datamodules.reference_cache import ReferenceSpec
 from lightning_modules.references.cache_builder import compute_for_datamodule
@@ -167,7 +169,7 @@ def test_two_references_give_bk_columns_and_run_mdpo(assets: Path, other_assets:
         assert batch[key].shape == (4, 2), key
     assert batch["ref_chosen_logps"].dtype == torch.float32 and batch["ref_chosen_counts"].dtype == torch.long
     assert batch["ref_chosen_counts"][0].tolist() == dm.data["train"][0]["ref_chosen_counts"]  # (K,) item → (B, K)
-    module = DPOModule(str(assets / "model"), objective=MDPO(), reference="cached", reference_weights=[0.25, 0.75])
+    module = MultiReferenceModule(str(assets / "model"), objective=MDPO(), weighting=Fixed([0.25, 0.75]))
     module.configure_model()
     loss, _ = module.model_step(batch, "train")
     pc, pr = LiveReference(load_causal_lm(str(assets / "model")))(batch)  # the policy's log-probs

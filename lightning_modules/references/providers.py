@@ -129,7 +129,7 @@ class CachedReference(nn.Module):
         if chosen.shape[1] != 1:
             raise UserInputError(
                 f"model.objective takes one reference, but data.reference_cache lists K={chosen.shape[1]}; keep one "
-                "reference there, or use a multi-reference objective (MRPO, MDPO) with model.reference_weights."
+                "reference there, or train MRPO / MDPO with lightning_modules.multiref.MultiReferenceModule."
             )
         return chosen[:, 0], rejected[:, 0]  # (B,)
 

@@ -36,7 +36,7 @@ class WeightingContext(Protocol):
         """`tensor` summed over all ranks (itself on one process)."""
 
     def validation_signals(self) -> Iterable[ReferenceSignals]:
-        """This rank's share of the validation split, batch by batch (reference columns only, no model pass)."""
+        """The whole validation split (the same on every rank), batch by batch: reference columns only, no model pass."""
 
     def validation_size(self) -> int:
         """Number of pairs in the validation split."""

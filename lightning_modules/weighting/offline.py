@@ -2,8 +2,8 @@
 
 - VDW (`offline_1`): α[k] ∝ Σ_i d[i, k], how strongly reference k separates the validation pairs;
 - VAW (`offline_2`): α[k] ∝ Σ_i c[i, k], reference k's own accuracy on them.
-The sums run over the whole validation split (every rank's share, summed across ranks), read from the
-cached reference columns: no model pass. The vector is then fixed, logged, and saved in checkpoints,
+The sums run over the whole validation split, read from the cached reference columns (no model pass),
+so every rank computes the same vector without communicating. The vector is then fixed, logged, and saved in checkpoints,
 so a resumed run does not recompute it.
 """
 
@@ -32,14 +32,13 @@ class _Offline(WeightingStrategy):
         return self.weights is not None
 
     def prepare(self, context: WeightingContext) -> None:
-        total = torch.zeros(context.num_references)
-        for signals in context.validation_signals():
-            total += self.validation_total(signals).cpu()
-        total = context.all_reduce_sum(total).cpu()
         if context.validation_size() == 0:
             raise UserInputError(f"model.weighting={type(self).__name__} computes α from the validation split, which "
                                  "is empty: give the data a validation split (data.init_args.val_split, or a "
                                  "validation file)")
+        total = torch.zeros(context.num_references)
+        for signals in context.validation_signals():
+            total += self.validation_total(signals).cpu()
         self.weights = normalized(total)
 
     def alphas(self, signals: ReferenceSignals, *, training: bool, context: WeightingContext) -> Tensor:

@@ -1,0 +1,159 @@
+"""MultiReferenceModule: MRPO / MDPO against K cached references with α from a weighting strategy.
+
+Three references of the tiny synthetic task are cached once for the module (`refs`): the assets' model
+in float32 and in bfloat16 (slightly different log-probs), and a second tiny model with its own
+tokenizer. Identities (SPEC section 2, end to end): K = 1 is single-reference DPO, and K identical
+references are DPO. Every strategy keeps the resume contract.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import PreferenceDataModule
+from datamodules.reference_cache import ReferenceSpec
+from lightning_modules.dpo import DPOModule
+from lightning_modules.multiref import MultiReferenceModule
+from lightning_modules.objectives import MDPO, MRPO, OBJECTIVES
+from lightning_modules.references.cache_builder import compute_for_datamodule
+from lightning_modules.weighting import ARWC, STRATEGIES, SWCW, TSW, VAW, Fixed, reference_signals
+from resume_helper import assert_resumes_exactly
+from test_reference_cache import copy_prefs, other_assets  # noqa: F401  (fixture)
+
+ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def refs(assets: Path, other_assets: Path, tmp_path_factory) -> tuple[Path, list[ReferenceSpec]]:  # noqa: F811
+    """(a pairs folder of 24 train / 8 validation rows, its 3 cached references)."""
+    data = copy_prefs(assets, tmp_path_factory.mktemp("multiref"), n_train=24, n_val=8)
+    specs = [ReferenceSpec(str(assets / "model")), ReferenceSpec(str(assets / "model"), dtype="bfloat16"),
+             ReferenceSpec(str(other_assets / "model"))]
+    for spec in specs:
+        compute_for_datamodule(make_dm(data, assets, [spec]))
+    return data, specs
+
+
+def make_dm(data: Path, assets: Path, specs: list[ReferenceSpec], **kwargs) -> PreferenceDataModule:
+    return PreferenceDataModule(str(data), str(assets / "model"), reference_cache=specs,
+                                **{"batch_size": 4, "eval_batch_size": 8, "max_length": 64, **kwargs})
+
+
+def fit(module: L.LightningModule, dm: PreferenceDataModule, steps: int = 3) -> tuple[list[float], list[dict]]:
+    """(training loss of each step, logged metrics of each step)."""
+    losses, logged = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[Record()])
+    trainer.fit(module, datamodule=dm)
+    return losses, logged
+
+
+@pytest.mark.parametrize("objective", [MDPO(), MRPO()], ids=["mdpo", "mrpo"])
+def test_one_reference_is_dpo_end_to_end(assets: Path, refs, objective) -> None:
+    data, specs = refs
+    multi, _ = fit(MultiReferenceModule(str(assets / "model"), objective=objective, weighting=ARWC(), optimizer=ADAMW),
+                   make_dm(data, assets, specs[2:]))
+    single, _ = fit(DPOModule(str(assets / "model"), reference="cached", optimizer=ADAMW),
+                    make_dm(data, assets, specs[2:]))
+    assert multi == pytest.approx(single, abs=1e-6, rel=0)
+    assert abs(single[0] - math.log(2)) > 1e-3  # the reference is another model: not the trivial ln 2
+
+
+@pytest.mark.parametrize("objective", [MDPO(), MRPO()], ids=["mdpo", "mrpo"])
+def test_identical_references_are_dpo_end_to_end(assets: Path, refs, objective) -> None:
+    data, specs = refs
+    multi, logged = fit(MultiReferenceModule(str(assets / "model"), objective=objective, weighting=VAW(),
+                                             optimizer=ADAMW), make_dm(data, assets, [specs[2]] * 3))
+    single, _ = fit(DPOModule(str(assets / "model"), reference="cached", optimizer=ADAMW),
+                    make_dm(data, assets, specs[2:]))
+    assert multi == pytest.approx(single, abs=1e-5, rel=0)
+    alphas = [v for k, v in logged[0].items() if k.startswith("train/alpha/")]
+    assert alphas == pytest.approx([1 / 3] * 3)  # VAW of identical references: uniform
+
+
+def test_alpha_and_per_reference_losses_are_logged(assets: Path, refs) -> None:
+    data, specs = refs
+    _, logged = fit(MultiReferenceModule(str(assets / "model"), weighting=Fixed([1, 1, 2]), optimizer=ADAMW),
+                    make_dm(data, assets, specs))
+    names = [f"{assets.name}_model", f"{assets.name}_model-bfloat16", f"{specs[2].name_or_path.split('/')[-2]}_model"]
+    assert [logged[-1][f"train/alpha/{n}"] for n in names] == pytest.approx([0.25, 0.25, 0.5])
+    ref_losses = [logged[-1][f"train/ref_loss/{n}"] for n in names]
+    assert all(math.isfinite(x) for x in ref_losses) and len(set(ref_losses)) == 3
+    assert 0 <= logged[-1]["train/preference_accuracy"] <= 1
+
+
+def data_factory(data: Path, assets: Path, specs):
+    return lambda: make_dm(data, assets, specs, batch_size=4)
+
+
+@pytest.mark.parametrize("strategy", [SWCW(), TSW(subset_size=4, seed=1), VAW()], ids=["swcw", "tsw", "vaw"])
+def test_multi_reference_training_resumes_exactly(assets: Path, refs, tmp_path: Path, strategy) -> None:
+    """The strategy's state (previous batch, posterior and generator, offline α) is in every checkpoint."""
+    data, specs = refs
+    assert_resumes_exactly(lambda: MultiReferenceModule(str(assets / "model"), objective=MRPO(clip_epsilon=0.1),
+                                                        weighting=strategy, optimizer=ADAMW),
+                           data_factory(data, assets, specs), tmp_path, steps=8, every=4)
+
+
+def test_tsw_posterior_moves_during_training(assets: Path, refs) -> None:
+    data, specs = refs
+    module = MultiReferenceModule(str(assets / "model"), weighting=TSW(subset_size=8, seed=0), optimizer=ADAMW)
+    fit(module, make_dm(data, assets, specs), steps=4)
+    a, b = module.weighting.a, module.weighting.b
+    assert (a + b).sum() == pytest.approx(2 * 5.0 * 3 + 4)  # one reward per optimizer step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("objective", ["mrpo", "mdpo"])
+def test_extreme_references_give_finite_losses(name: str, objective: str, dtype) -> None:
+    """Where the original diverged: log-probs of −3000 beside −0.5, a reference that scores every pair alike,
+    K = 7 with one far off, policies in float32 and bfloat16. Losses, rewards and α stay finite."""
+    k, b = 7, 4
+    chosen = torch.full((b, k), -0.5)
+    rejected = torch.full((b, k), -0.7)
+    chosen[:, 1] = rejected[:, 1] = -3000.0  # identical scores: d = 0
+    chosen[:, 6], rejected[:, 6] = -0.5, -3000.0  # far off
+    counts = torch.ones(b, k, dtype=torch.long)
+    signals = reference_signals(chosen, rejected, counts, counts)
+
+    class Context:
+        num_references = k
+
+        def all_reduce_sum(self, t):
+            return t
+
+        def validation_signals(self):
+            return iter([signals])
+
+        def validation_size(self):
+            return b
+
+        def validation_accuracy(self, indices):
+            return 0.5
+
+    strategy = Fixed([1.0] * k) if name == "fixed" else STRATEGIES[name]()
+    strategy.prepare(Context())
+    strategy.before_step(Context())
+    policy_chosen = torch.tensor([-0.4, -3000.0, -1.0, -2.0], dtype=dtype)
+    policy_rejected = torch.tensor([-0.6, -0.5, -3000.0, -2.0], dtype=dtype)
+    for _ in range(2):
+        alphas = strategy.alphas(signals, training=True, context=Context())
+        out = OBJECTIVES[objective](policy_chosen, policy_rejected, chosen.to(dtype), rejected.to(dtype), beta=0.1,
+                                    alphas=alphas)
+        for tensor in (alphas, out.losses, out.chosen_rewards, out.rejected_rewards):
+            assert torch.isfinite(tensor).all(), (name, objective, tensor)
