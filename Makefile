@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep
+.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 # β × reference choice on the synthetic task (resumes: delete runs/refdpo-sweep to start over).
 refdpo-sweep: $(STAMP)
 	$(PY) -m lightning_modules.studies.refdpo_sweep --config configs/studies/refdpo-sweep/sweep.yaml
+
+# Multi-reference DPO on the synthetic task: DPO against each of 3 references vs MRPO / MDPO × 7 weighting strategies,
+# 3 seeds (resumes: delete runs/multiref-study to start over).
+multiref-study: $(STAMP)
+	$(PY) -m lightning_modules.studies.multiref_study --config configs/studies/multiref-study/study.yaml
 
 # Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
 padding-bench: $(STAMP)

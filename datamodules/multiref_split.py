@@ -16,6 +16,7 @@ count is the MAX over the tokenizers, i.e. the count under the longest tokenizer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,8 @@ class StudySplit:
     """Seed of that sample; fixed across runs, so every seed splits the same pairs."""
     sizes: tuple[int, int, int] = (5000, 1000, 1000)
     """Train / val / test sizes; must sum to ``sample_size``."""
-    percentile: float = 2.5
-    """Drop pairs whose prompt, chosen or rejected token count is at or below this percentile."""
+    percentile: float | None = 2.5
+    """Drop pairs whose prompt, chosen or rejected token count is at or below this percentile; null: no such filter."""
     max_tokens: int = 1024
     """Drop pairs whose prompt + longer response exceeds this many tokens (longest tokenizer)."""
     tokenizers: tuple[str, ...] = ()
@@ -105,19 +106,23 @@ def token_counts(rows: Sequence[dict], tokenizers: Sequence[Any]) -> dict[str, n
     return counts
 
 
-def apply_filters(counts: dict[str, np.ndarray], *, percentile: float,
+def apply_filters(counts: dict[str, np.ndarray], *, percentile: float | None,
                   max_tokens: int) -> tuple[list[int], dict[str, int], dict[str, float]]:
     """Kept row indices, drop counts by first reason, and each field's percentile threshold.
 
     The threshold of a field is ``np.percentile(counts, percentile)`` (linear interpolation) over
-    ALL rows, and a row whose count is <= the threshold is dropped ("at or below"). A row is too
+    ALL rows, and a row whose count is <= the threshold is dropped ("at or below"); ``percentile=None``
+    drops none this way. A row is too
     long when ``prompt + max(chosen, rejected) > max_tokens``: each of prompt + chosen and
     prompt + rejected must fit, since DPO scores both.
     """
     n = len(counts["prompt"])
     if n == 0:
         return [], dict.fromkeys(REASONS, 0), dict.fromkeys(FIELDS, float("nan"))
-    thresholds = {f: float(np.percentile(counts[f], percentile)) for f in FIELDS}
+    # None turns the short-pair filter off (on a constant-length field, e.g. templated synthetic prompts, any
+    # percentile is that length, and "at or below" it drops every row)
+    thresholds = {f: float(np.percentile(counts[f], percentile)) if percentile is not None else -math.inf
+                  for f in FIELDS}
     tests = [counts[f] <= thresholds[f] for f in FIELDS]
     tests.append(counts["prompt"] + np.maximum(counts["chosen"], counts["rejected"]) > max_tokens)
     remaining = np.ones(n, dtype=bool)
@@ -128,7 +133,7 @@ def apply_filters(counts: dict[str, np.ndarray], *, percentile: float,
     return np.flatnonzero(remaining).tolist(), dropped, thresholds
 
 
-def filter_pairs(rows: Sequence[dict], tokenizers: Sequence[Any], *, percentile: float,
+def filter_pairs(rows: Sequence[dict], tokenizers: Sequence[Any], *, percentile: float | None,
                  max_tokens: int) -> tuple[list[int], dict[str, int]]:
     """Indices of the rows that survive the length filters, and counts dropped by reason."""
     kept, dropped, _ = apply_filters(token_counts(rows, tokenizers), percentile=percentile, max_tokens=max_tokens)
@@ -146,7 +151,7 @@ def check_split(split: StudySplit) -> None:
     if sum(sizes) != split.sample_size:
         raise UserInputError(f"data.study_split.sizes={list(sizes)} sum to {sum(sizes)}, "
                              f"but data.study_split.sample_size={split.sample_size}; they must be equal")
-    if not 0 <= split.percentile <= 100:
+    if split.percentile is not None and not 0 <= split.percentile <= 100:
         raise UserInputError(f"data.study_split.percentile={split.percentile} must be within [0, 100]")
 
 
@@ -238,7 +243,7 @@ def prepare_study_split(rows: Sequence[dict], split: StudySplit, *, dataset_fing
     names = sorted(split.tokenizers or (policy_tokenizer,))
     filter_params = {"dataset_fingerprint": dataset_fingerprint, "n_rows": len(rows),
                      "tokenizers": [tokenizer_id(n) for n in names],
-                     "percentile": float(split.percentile), "max_tokens": int(split.max_tokens)}
+                     "percentile": None if split.percentile is None else float(split.percentile), "max_tokens": int(split.max_tokens)}
     split_params = {**filter_params, "sample_size": split.sample_size, "sample_seed": split.sample_seed,
                     "sizes": list(split.sizes), "seed": split.seed}
     folder = Path(cache_dir) / "study_split"

@@ -52,6 +52,8 @@ class ReferenceSpec:
     """Dtype the reference weights are loaded in; the log-probs are computed and stored in float32."""
     unconditional: bool = False
     """Score log p(y) with an empty prompt: [BOS] + response + end marker (likelihood parameterization)."""
+    name: str | None = None
+    """Short name in metric keys and tables (`train/alpha/<name>`); default: from name_or_path. Not part of the cache key."""
 
 
 @dataclass
@@ -155,15 +157,16 @@ def load_reference_cache(spec: ReferenceSpec, *, dataset_fingerprint: str, max_l
 def reference_labels(specs: Sequence[ReferenceSpec]) -> list[str]:
     """Short unique names of cached references, for metric keys (`train/alpha/<name>`) and tables.
 
-    The last part of each `name_or_path` (a hub id's model name), with `-<dtype>` unless float32 and
-    `-unconditional` when set; where two still collide, the last two path parts; then an index suffix.
+    A spec's own `name`, else the last part of its `name_or_path` (a hub id's model name), with `-<dtype>`
+    unless float32 and `-unconditional` when set; where two still collide, the last two path parts; then
+    an index suffix.
     """
     def label(spec: ReferenceSpec, parts: int) -> str:
         path = Path(str(spec.name_or_path).rstrip("/"))
         name = "_".join(path.parts[-parts:]) or "reference"
         return name + ("" if spec.dtype == "float32" else f"-{spec.dtype}") + ("-unconditional" if spec.unconditional else "")
 
-    names = [label(spec, 1) for spec in specs]
+    names = [spec.name or label(spec, 1) for spec in specs]
     if len(set(names)) < len(names):
-        names = [label(spec, 2) for spec in specs]
+        names = [spec.name or label(spec, 2) for spec in specs]
     return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]

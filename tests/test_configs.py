@@ -193,6 +193,10 @@ def check_training_config(config: dict[str, Any], path: Path, assets: Path, tmp_
             actual = getattr(cli.datamodule, key)
             if dataclasses.is_dataclass(actual):  # e.g. study_split: compare the fields the YAML sets
                 assert all(getattr(actual, k) == (tuple(v) if isinstance(v, list) else v) for k, v in value.items()), key
+            elif isinstance(actual, list) and actual and dataclasses.is_dataclass(actual[0]):  # e.g. reference_cache
+                assert len(actual) == len(value), key
+                for item, given in zip(actual, value):  # paths are localized: compare the other fields
+                    assert all(getattr(item, k) == v for k, v in given.items() if k != "name_or_path"), key
             else:
                 assert actual == value, key
 

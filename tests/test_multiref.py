@@ -19,10 +19,9 @@ import torch
 from datamodules import PreferenceDataModule
 from datamodules.reference_cache import ReferenceSpec
 from lightning_modules.dpo import DPOModule
-from lightning_modules.multiref import MultiReferenceModule
+from lightning_modules.multiref import ARWC, STRATEGIES, SWCW, TSW, VAW, Fixed, MultiReferenceModule, reference_signals
 from lightning_modules.objectives import MDPO, MRPO, OBJECTIVES
 from lightning_modules.references.cache_builder import compute_for_datamodule
-from lightning_modules.weighting import ARWC, STRATEGIES, SWCW, TSW, VAW, Fixed, reference_signals
 from resume_helper import assert_resumes_exactly
 from test_reference_cache import copy_prefs, other_assets  # noqa: F401  (fixture)
 
@@ -157,3 +156,29 @@ def test_extreme_references_give_finite_losses(name: str, objective: str, dtype)
                                     alphas=alphas)
         for tensor in (alphas, out.losses, out.chosen_rewards, out.rejected_rewards):
             assert torch.isfinite(tensor).all(), (name, objective, tensor)
+
+
+def test_alpha_figure_in_tensorboard_and_the_run_directory(assets: Path, refs, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks import AlphaFigure
+    from lightning_modules.runtime import RunLogger
+
+    data, specs = refs
+    figure = AlphaFigure()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=RunLogger(root_dir=str(tmp_path)), callbacks=[figure],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(MultiReferenceModule(str(assets / "model"), weighting=SWCW(), optimizer=ADAMW),
+                datamodule=make_dm(data, assets, specs))
+    assert figure.steps == [1, 2, 3, 4]
+    assert figure.alphas[0] == pytest.approx([1 / 3] * 3)  # SWCW starts uniform
+    assert all(sum(a) == pytest.approx(1) for a in figure.alphas) and figure.alphas[1] != figure.alphas[0]
+    png = (tmp_path / "latest" / "alpha.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    events = EventAccumulator(str(tmp_path / "latest"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("alpha")] == [2, 4, 4]  # after each validation, and at fit end
+    restored = AlphaFigure()
+    restored.load_state_dict(figure.state_dict())
+    assert (restored.steps, restored.alphas, restored.names) == (figure.steps, figure.alphas, figure.names)

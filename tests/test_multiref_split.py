@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from datamodules import multiref_split as ms
-from datamodules.multiref_split import StudySplit, filter_pairs, prepare_study_split, sample_and_split
+from datamodules.multiref_split import StudySplit, apply_filters, filter_pairs, prepare_study_split, sample_and_split
 from datamodules.synthetic import WORDS, train_tokenizer
 from datamodules.utils.errors import UserInputError
 
@@ -196,3 +196,12 @@ def test_prepare_errors_before_counting(prepare, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(UserInputError, match=r"data\.study_split\.sample_size=300, but only \d+ pairs"):
         prepare(sample_size=300, sizes=(200, 50, 50))
+
+
+def test_no_percentile_keeps_constant_length_fields() -> None:
+    """On a constant-length field every percentile is that length, and "at or below" drops every row: null keeps them."""
+    counts = {"prompt": np.full(5, 7), "chosen": np.arange(5) + 3, "rejected": np.arange(5) + 4}
+    kept, dropped, _ = apply_filters(counts, percentile=None, max_tokens=100)
+    assert kept == [0, 1, 2, 3, 4] and sum(dropped.values()) == 0
+    kept, dropped, _ = apply_filters(counts, percentile=2.5, max_tokens=100)
+    assert kept == [] and dropped["short_prompt"] == 5  # the paper's 2.5 on such data drops everything

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.studies import refdpo_sweep as sweep_module
-from lightning_modules.studies.refdpo_sweep import SweepRun, collect, plot, refdpo_sweep, run_step
+from lightning_modules.studies import launch as launch_module
+from lightning_modules.studies.launch import run_step
+from lightning_modules.studies.refdpo_sweep import SweepRun, collect, plot, refdpo_sweep
 
 RUN = SweepRun(name="live_beta_0.1", group="live (SFT)", beta=0.1)
 LIKELIHOOD = SweepRun(name="likelihood_beta_0.1", group="likelihood", beta=0.1, args=(
@@ -82,7 +83,7 @@ class FakePython:
 def test_tiny_grid_runs_every_stage_resumes_and_reports(tmp_path: Path, monkeypatch, capsys) -> None:
     """The real driver on a two-run grid; only the training subprocesses are faked."""
     fake = FakePython()
-    monkeypatch.setattr(sweep_module.subprocess, "call", fake)
+    monkeypatch.setattr(launch_module.subprocess, "call", fake)
     out = tmp_path / "sweep"
     rows = refdpo_sweep([RUN, LIKELIHOOD], out_dir=str(out), stronger_reference_epochs=2,
                         assets_args=("--n-sft=8",), fit_args=("--trainer.limit_train_batches=1",))

@@ -30,9 +30,8 @@ from datamodules.collate import PairCollator
 from datamodules.tokenize import load_tokenizer
 from lightning_modules.dpo import DPOModule
 from datamodules.utils.errors import UserInputError
-from lightning_modules.multiref import MultiReferenceModule
+from lightning_modules.multiref import Fixed, MultiReferenceModule
 from lightning_modules.objectives import MDPO, OBJECTIVES
-from lightning_modules.weighting import Fixed
 from lightning_modules.models.loading import load_causal_lm
 from datamodules.reference_cache import ReferenceSpec
 from lightning_modules.references.cache_builder import compute_for_datamodule

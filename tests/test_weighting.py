@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datamodules.utils.errors import UserInputError
-from lightning_modules.weighting import (ARWC, STRATEGIES, SWCW, TSW, VAW, VDW, Fixed, SWCWOneHot, normalized,
+from lightning_modules.multiref import (ARWC, STRATEGIES, SWCW, TSW, VAW, VDW, Fixed, SWCWOneHot, normalized,
                                          reference_signals)
 
 BATCH = {

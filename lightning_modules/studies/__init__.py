@@ -12,6 +12,7 @@ and reports the one way `report.write_report` implements: `summary.json`, `summa
 STUDIES = {
     "demo": "evaluate",
     "refdpo-sweep": "refdpo_sweep",
+    "multiref-study": "multiref_study",
     "padding-bench": "padding_benchmark",
     "reference-quant-bench": "quantization_benchmark",
 }

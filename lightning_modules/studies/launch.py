@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli, auto_parser
@@ -46,3 +50,24 @@ def run_study(study: Callable[..., Any], args: list[str] | None = None) -> Any:
             return auto_cli(study, args=args, **PARSER_OPTIONS)
         except ArgumentError as error:
             raise UserInputError(f"{study.__name__}: {one_paragraph(str(error))} (see --help)") from error
+
+
+def run_step(name: str, args: list[str], creates: Path | None, log_dir: Path) -> float:
+    """Run `python <args>` unless `creates` exists (None: always run; the step is idempotent itself).
+
+    Output goes to `log_dir/<name>.log`. Returns seconds.
+    """
+    if creates is not None and creates.exists():
+        print(f"[study] {name}: reusing {creates}")
+        return 0.0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[study] {name}: python {' '.join(args)}", flush=True)
+    with open(log_dir / f"{name}.log", "w") as log:
+        code = subprocess.call([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"[study] {name} failed (exit {code}); see {log_dir / f'{name}.log'}")
+    seconds = time.perf_counter() - start
+    (log_dir / f"{name}.seconds").write_text(f"{seconds:.1f}\n")  # kept for summaries of resumed studies
+    print(f"[study] {name}: {seconds:.0f} s", flush=True)
+    return seconds

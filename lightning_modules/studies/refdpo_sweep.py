@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datamodules.utils.errors import UserInputError
-from lightning_modules.studies.launch import run_study
+from lightning_modules.studies.launch import run_step, run_study
 from lightning_modules.studies.report import new_figure, write_report
 
 if TYPE_CHECKING:
@@ -50,27 +47,6 @@ class SweepRun:
     group: str
     beta: float
     args: tuple[str, ...] = ()
-
-
-def run_step(name: str, args: list[str], creates: Path | None, log_dir: Path) -> float:
-    """Run `python <args>` unless `creates` exists (None: always run; the step is idempotent itself).
-
-    Output goes to `log_dir/<name>.log`. Returns seconds.
-    """
-    if creates is not None and creates.exists():
-        print(f"[sweep] {name}: reusing {creates}")
-        return 0.0
-    log_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"[sweep] {name}: python {' '.join(args)}", flush=True)
-    with open(log_dir / f"{name}.log", "w") as log:
-        code = subprocess.call([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"[sweep] {name} failed (exit {code}); see {log_dir / f'{name}.log'}")
-    seconds = time.perf_counter() - start
-    (log_dir / f"{name}.seconds").write_text(f"{seconds:.1f}\n")  # kept for summaries of resumed sweeps
-    print(f"[sweep] {name}: {seconds:.0f} s", flush=True)
-    return seconds
 
 
 def collect(run: SweepRun, out: Path, seconds: float) -> dict[str, Any]:

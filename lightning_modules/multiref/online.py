@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from datamodules.utils.errors import UserInputError
-from lightning_modules.weighting.base import WeightingContext, WeightingStrategy
-from lightning_modules.weighting.signals import ReferenceSignals, normalized
+from lightning_modules.multiref.base import WeightingContext, WeightingStrategy
+from lightning_modules.multiref.signals import ReferenceSignals, normalized
 
 
 class Fixed(WeightingStrategy):

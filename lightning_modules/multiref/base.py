@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_modules.weighting.signals import ReferenceSignals
+from lightning_modules.multiref.signals import ReferenceSignals
 
 
 class WeightingContext(Protocol):

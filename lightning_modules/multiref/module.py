@@ -4,7 +4,7 @@
       class_path: lightning_modules.multiref.MultiReferenceModule
       init_args:
         objective: MDPO                     # or MRPO (CTRO clipping: {class_path: MRPO, init_args: {clip_epsilon: 0.1}})
-        weighting: VAW                      # Fixed, ARWC, VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.weighting)
+        weighting: VAW                      # Fixed, ARWC, VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.multiref)
     data:
       init_args:
         reference_cache: [{name_or_path: ...}, {name_or_path: ...}]   # the K references, each its own tokenizer
@@ -31,7 +31,9 @@ from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import PairLogps, concatenated_forward, preference_accuracy
 from lightning_modules.objectives import MDPO, OBJECTIVES, Objective, PreferenceLossOutput
-from lightning_modules.weighting import VAW, ReferenceSignals, WeightingStrategy, batch_signals
+from lightning_modules.multiref.base import WeightingStrategy
+from lightning_modules.multiref.offline import VAW
+from lightning_modules.multiref.signals import ReferenceSignals, batch_signals
 
 CHECKPOINT_KEY = "weighting"  # under checkpoint["prefopt"]
 
@@ -56,7 +58,7 @@ class MultiReferenceModule(DPOModule):
         super().__init__(model_name_or_path, objective=objective, **kwargs)
         if not isinstance(weighting, WeightingStrategy):
             raise UserInputError(f"model.weighting={weighting!r} is not a weighting strategy; use one of Fixed, ARWC, "
-                                 "VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.weighting)")
+                                 "VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.multiref)")
         self.weighting = copy.deepcopy(weighting)  # the default instance is shared between calls
         self.last_alphas: Tensor | None = None  # (K,) batch mean of the last training α (AlphaFigure reads it)
         self._step_open_at: int | None = None  # global_step when the current optimizer step's first micro-batch began
@@ -70,6 +72,7 @@ class MultiReferenceModule(DPOModule):
     def preference_losses(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor],
                           stage: str) -> tuple[PreferenceLossOutput, dict[str, Tensor]]:
         signals = batch_signals(batch)
+        self.prepare_weighting()  # validate / test without fit, or a sanity check before fit: prepare on first use
         alphas = self.weighting.alphas(signals, training=stage == "train", context=self).to(ref_chosen.device)
         out = self.objective(policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, beta=self.beta,
                              alphas=alphas)
@@ -93,15 +96,20 @@ class MultiReferenceModule(DPOModule):
     def datamodule_or_none(self) -> Any:
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
-    # ---- the strategy's lifecycle (lightning_modules/weighting/base.py) --------------------------------------------
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if not self.weighting.prepared:  # a checkpoint restores it instead
-            self.weighting.prepare(self)
+    # ---- the strategy's lifecycle (multiref/base.py) ---------------------------------------------------------------
+    def prepare_weighting(self) -> None:
+        """Prepare the strategy once (offline ones read the validation split), unless a checkpoint restored it."""
+        if self.weighting.prepared:
+            return
+        self.weighting.prepare(self)
         alphas = getattr(self.weighting, "weights", None)
         if isinstance(alphas, Tensor):
             described = ", ".join(f"{n}={a:.4f}" for n, a in zip(self.reference_names(len(alphas)), alphas.tolist()))
             rank_zero_info(f"weighting {self.weighting!r}: α from the validation split: {described}")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.prepare_weighting()  # before the sanity check; a resumed fit has restored the state by now
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
