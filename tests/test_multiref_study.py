@@ -49,3 +49,16 @@ def test_smoke_study_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> Non
     capsys.readouterr()
     assert multiref_study(REFERENCES, **settings) == rows  # everything reused
     assert "reusing" in capsys.readouterr().out
+
+
+def test_multiref_bench_smoke(tmp_path: Path) -> None:
+    """`make multiref-bench` on a smoke setting: every configuration timed, the baseline's ratio is 1, report written."""
+    from lightning_modules.studies.multiref_benchmark import multiref_benchmark
+
+    rows = multiref_benchmark(out_dir=str(tmp_path), dtypes=("float32", "bfloat16"), objectives=("MDPO",),
+                              strategies=("VAW", "TSW"), batch_size=8, steps=2, warmup=1, rounds=1)
+    assert [(r["config"], r["K"]) for r in rows] == [("dpo_k1", 1), ("mdpo_vaw_k2", 2), ("mdpo_tsw_k2", 2)]
+    assert rows[0]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(len(v) == 1 and len(v[0]) == 2 for v in summary["step_seconds"].values())  # rounds × steps timings
+    assert (tmp_path / "multiref_bench.png").exists()

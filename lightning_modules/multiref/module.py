@@ -30,7 +30,7 @@ from datamodules.reference_cache import reference_labels
 from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import PairLogps, concatenated_forward, preference_accuracy
-from lightning_modules.objectives import MDPO, OBJECTIVES, Objective, PreferenceLossOutput
+from lightning_modules.objectives import MDPO, Objective, PreferenceLossOutput, per_reference_dpo_losses
 from lightning_modules.multiref.base import WeightingStrategy
 from lightning_modules.multiref.offline import VAW
 from lightning_modules.multiref.signals import ReferenceSignals, batch_signals
@@ -79,12 +79,12 @@ class MultiReferenceModule(DPOModule):
         mean_alphas = (alphas if alphas.dim() == 1 else alphas.mean(0)).detach().float()
         if stage == "train":
             self.last_alphas = mean_alphas.cpu()
+        per_reference = per_reference_dpo_losses(policy.chosen_logps.detach(), policy.rejected_logps.detach(),
+                                                  ref_chosen, ref_rejected, self.beta).mean(0)  # (K,)
         metrics = {}
         for k, name in enumerate(self.reference_names(signals.num_references)):
             metrics[f"alpha/{name}"] = mean_alphas[k]
-            single = OBJECTIVES["sigmoid"](policy.chosen_logps, policy.rejected_logps, ref_chosen[:, k],
-                                           ref_rejected[:, k], beta=self.beta)
-            metrics[f"ref_loss/{name}"] = single.losses.detach().mean()
+            metrics[f"ref_loss/{name}"] = per_reference[k]
         return out, metrics
 
     def reference_names(self, k: int | None = None) -> list[str]:

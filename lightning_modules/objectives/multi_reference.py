@@ -39,6 +39,16 @@ def _harmonic_mixture(ref_logps: Tensor, alphas: Tensor) -> Tensor:
     """logπ̃(y) = −logsumexp_k(log α_k − logπ_k(y)): (B, K), (B, K) -> (B,), in log space."""
     return -torch.logsumexp(alphas.log() - ref_logps, dim=-1)
 
+def per_reference_dpo_losses(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                             ref_rejected_logps: Tensor, beta: float) -> Tensor:
+    """(B, K): the DPO loss of every pair against every reference, −log σ(β(Δθ − Δref_k)), in float32.
+
+    MDPO's per-reference terms; `MultiReferenceModule` also logs their batch means (monitoring).
+    """
+    delta_policy = policy_chosen_logps.float() - policy_rejected_logps.float()
+    return -F.logsigmoid(beta * (delta_policy[:, None] - (ref_chosen_logps.float() - ref_rejected_logps.float())))
+
+
 @register("mrpo")
 def mrpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
               ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *, beta: float,
@@ -80,7 +90,7 @@ def mdpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """
     pc, pr, rc, rr, a = _multi_ref(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps, beta, alphas, "mdpo")
-    per_ref = -F.logsigmoid(beta * ((pc - pr)[:, None] - (rc - rr)))  # (B, K)
+    per_ref = per_reference_dpo_losses(pc, pr, rc, rr, beta)  # (B, K)
     losses = (a * per_ref).sum(-1)
     return PreferenceLossOutput(losses, *_rewards(beta, pc, pr, (a * rc).sum(-1), (a * rr).sum(-1)))
 

@@ -13,6 +13,7 @@ STUDIES = {
     "demo": "evaluate",
     "refdpo-sweep": "refdpo_sweep",
     "multiref-study": "multiref_study",
+    "multiref-bench": "multiref_benchmark",
     "padding-bench": "padding_benchmark",
     "reference-quant-bench": "quantization_benchmark",
 }
