@@ -182,3 +182,50 @@ def test_alpha_figure_in_tensorboard_and_the_run_directory(assets: Path, refs, t
     restored = AlphaFigure()
     restored.load_state_dict(figure.state_dict())
     assert (restored.steps, restored.alphas, restored.names) == (figure.steps, figure.alphas, figure.names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["SWCW", "{class_path: TSW, init_args: {subset_size: 4, seed: 2}}"],
+                         ids=["swcw", "tsw"])
+def test_ddp_ranks_share_alpha_and_equal_one_process(assets: Path, refs, tmp_path: Path, weighting: str) -> None:
+    """2 DDP ranks × 4 pairs take the steps one process takes with 8: every rank used the global batch's α.
+
+    SWCW's vector after step 1 is the mean over both ranks' pairs (an all-reduce); with each rank's own
+    mean instead, the ranks would weight differently and DDP's averaged gradient would not be one process's.
+    TSW draws the same arm on every rank (same generator, same policy, same validation subset).
+    """
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_configs import REPO, write_localized
+
+    data, specs = refs
+    config = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    # two references that disagree pair by pair (another model, another tokenizer), so batch means differ by rank
+    cache = "[" + ", ".join(f"{{name_or_path: {s.name_or_path}, dtype: {s.dtype}}}" for s in (specs[0], specs[2])) + "]"
+    exports = {}
+    for devices in (1, 2):
+        export = tmp_path / f"export_{devices}"
+        args = [sys.executable, "-m", "lightning_modules", "fit", "--config", str(config),
+                "--model.class_path=lightning_modules.multiref.MultiReferenceModule",
+                "--model.init_args.objective=MDPO", f"--model.init_args.weighting={weighting}",
+                "--model.init_args.reference=cached", f"--data.init_args.path={data}",
+                f"--data.init_args.reference_cache={cache}", f"--data.init_args.batch_size={8 // devices}",
+                "--data.init_args.shuffle=false", f"--trainer.devices={devices}",
+                "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"), "--trainer.max_steps=3",
+                "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.callbacks=[{{class_path: callbacks.ExportPretrained, init_args: {{dirpath: {export}}}}}]",
+                "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.lr=0.5",
+                "--model.init_args.lr_scheduler=lightning_modules.optim.ConstantWithWarmup"]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PL_DISABLE_FORK": "1"}
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+                                start_new_session=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        exports[devices] = load_file(export / "model.safetensors")
+    initial = load_file(assets / "model/model.safetensors")
+    assert max((exports[1][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    for key, value in exports[1].items():
+        torch.testing.assert_close(exports[2][key], value, atol=2e-6, rtol=1e-5, msg=key)
