@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -42,20 +42,20 @@ class MultiReferenceModule(DPOModule):
     """MRPO / MDPO against the K references of `data.init_args.reference_cache`, α from `weighting`."""
 
     def __init__(self, model_name_or_path: str, objective: Objective = MDPO(), weighting: WeightingStrategy = VAW(),
-                 **kwargs: Any):
+                 reference: Literal["cached"] = "cached", **kwargs: Any):
         """Multi-reference preference optimization.
 
         Args:
             model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
             objective: MDPO (α-weighted sum of K DPO losses) or MRPO (DPO against the α-weighted harmonic mixture).
             weighting: where α comes from: Fixed, ARWC, VDW, VAW, SWCW, SWCWOneHot, TSW (`--model.init_args.weighting.help TSW`).
-            **kwargs: DPOModule's (beta, average_logps, sft_weight, optimizer, lora, ...); reference must stay `cached`.
+            reference: always `cached`: the K references' log-probs come from data.init_args.reference_cache.
+            **kwargs: DPOModule's (beta, average_logps, sft_weight, optimizer, lora, ...).
         """
-        kwargs.setdefault("reference", "cached")
-        if kwargs["reference"] != "cached":
-            raise UserInputError(f"model.reference={kwargs['reference']!r}: MultiReferenceModule reads the K references' "
+        if reference != "cached":
+            raise UserInputError(f"model.reference={reference!r}: MultiReferenceModule reads the K references' "
                                  "cached log-probs (model.reference=cached, data.init_args.reference_cache)")
-        super().__init__(model_name_or_path, objective=objective, **kwargs)
+        super().__init__(model_name_or_path, objective=objective, reference=reference, **kwargs)
         if not isinstance(weighting, WeightingStrategy):
             raise UserInputError(f"model.weighting={weighting!r} is not a weighting strategy; use one of Fixed, ARWC, "
                                  "VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.multiref)")
