@@ -194,10 +194,7 @@ def test_ddp_ranks_share_alpha_and_equal_one_process(assets: Path, refs, tmp_pat
     mean instead, the ranks would weight differently and DDP's averaged gradient would not be one process's.
     TSW draws the same arm on every rank (same generator, same policy, same validation subset).
     """
-    import os
-    import subprocess
-    import sys
-
+    from deepspeed_cpu import fit_two_ranks
     from safetensors.torch import load_file
     from test_configs import REPO, write_localized
 
@@ -208,22 +205,12 @@ def test_ddp_ranks_share_alpha_and_equal_one_process(assets: Path, refs, tmp_pat
     exports = {}
     for devices in (1, 2):
         export = tmp_path / f"export_{devices}"
-        args = [sys.executable, "-m", "lightning_modules", "fit", "--config", str(config),
-                "--model.class_path=lightning_modules.multiref.MultiReferenceModule",
-                "--model.init_args.objective=MDPO", f"--model.init_args.weighting={weighting}",
-                "--model.init_args.reference=cached", f"--data.init_args.path={data}",
-                f"--data.init_args.reference_cache={cache}", f"--data.init_args.batch_size={8 // devices}",
-                "--data.init_args.shuffle=false", f"--trainer.devices={devices}",
-                "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"), "--trainer.max_steps=3",
-                "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                "--trainer.enable_progress_bar=false",
-                f"--trainer.callbacks=[{{class_path: callbacks.ExportPretrained, init_args: {{dirpath: {export}}}}}]",
-                "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.lr=0.5",
-                "--model.init_args.lr_scheduler=lightning_modules.optim.ConstantWithWarmup"]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PL_DISABLE_FORK": "1"}
-        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
-                                start_new_session=True)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run = fit_two_ranks(config, tmp_path, "ddp" if devices > 1 else "auto", export=export, devices=devices, extra=[
+            "--model.class_path=lightning_modules.multiref.MultiReferenceModule", "--model.init_args.objective=MDPO",
+            f"--model.init_args.weighting={weighting}", "--model.init_args.reference=cached",
+            f"--data.init_args.path={data}", f"--data.init_args.reference_cache={cache}",
+            f"--data.init_args.batch_size={8 // devices}", "--trainer.max_steps=3"])
+        assert run.returncode == 0, run.tail()
         exports[devices] = load_file(export / "model.safetensors")
     initial = load_file(assets / "model/model.safetensors")
     assert max((exports[1][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
