@@ -16,6 +16,7 @@ See `datamodules.collate` for the batch layout.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from datamodules.schemas import REQUIRED_COLUMNS, RowStats, detect_schema, norma
 from datamodules.text_data import TextDataModule
 from datamodules.tokenize import (NO_RESPONSE_TOKENS, encode_pair, encode_prompt, end_of_response_ids,
                                   has_room_for_response, pair_columns)
+from datamodules.utils.cache import sha256_hex
 from datamodules.utils.errors import UserInputError
 
 
@@ -58,6 +60,7 @@ class PreferenceDataModule(TextDataModule):
         self.reference_columns = reference_columns
         self.study_split = study_split
         self.study_result = None
+        self._study_sample: tuple[Dataset, str, str] | None = None
         if study_split is not None:
             source = self.splits["train"]
             self.splits.update(val=f"{source}[study val]", test=f"{source}[study test]")
@@ -103,8 +106,20 @@ class PreferenceDataModule(TextDataModule):
 
     # ---- cached reference log-probs (lightning_modules.references.cache_builder) --------------------------------
     def cache_fingerprint(self, dataset: Dataset, schema: str) -> str:
-        """Identity of one split's raw rows as this module reads them: part of each reference cache's key."""
+        """Identity of one split's raw rows as this module reads them: part of each reference cache's key.
+
+        With a study split, every role's cache is the one of the seed-independent sample (rows are looked up by
+        pair content), so seeds 0-4 share one cache instead of each scoring the same pairs again.
+        """
+        if self.study_split is not None:
+            return self.study_sample()[1]
         return fingerprint(dataset, self.path, self.name, schema)
+
+    def study_sample(self) -> tuple[Dataset, str, str]:
+        """(rows, fingerprint, schema) of the study split's sample: train + val + test of every seed."""
+        if self.study_result is None:
+            self.role_dataset(load_splits(self.path, self.name), "train")
+        return self._study_sample
 
     def reference_cache_dir(self) -> Path:
         """Folder of the reference caches: `reference_logps/` beside the dataset (see `cache_dir_for`)."""
@@ -112,6 +127,9 @@ class PreferenceDataModule(TextDataModule):
 
     def reference_sources(self) -> list[tuple[str, Dataset, str]]:
         """(role, raw rows, schema) of every configured split, read as `setup` reads them."""
+        if self.study_split is not None:  # one source: the sample that every seed splits (see `cache_fingerprint`)
+            rows, _, schema = self.study_sample()
+            return [("study sample", rows, schema)]
         raw = load_splits(self.path, self.name)
         sources = []
         for role in ("train", "val", "test"):
@@ -164,6 +182,10 @@ class PreferenceDataModule(TextDataModule):
         raw_index = [i for i, _ in good]
         for role in ("train", "val", "test"):  # positions among good rows → rows of the source split
             setattr(result, role, [raw_index[j] for j in getattr(result, role)])
+        sample = sorted(result.train + result.val + result.test)
+        sample_id = sha256_hex(json.dumps(sample).encode())[:16]
+        self._study_sample = (source.select(sample), fingerprint(source, self.path, self.name, schema, "sample",
+                                                                 sample_id), schema)
         return result
 
 

@@ -148,6 +148,33 @@ def test_study_split_per_seed(fixtures, assets, tmp_path) -> None:
     assert not set(first["train"]) & set(first["test"])
 
 
+def test_one_reference_cache_serves_every_study_seed(fixtures, assets, tmp_path) -> None:
+    """The K-reference cache of a study split is keyed by the seed-independent sample, not by each seed's split.
+
+    Before: every seed's train / val / test fingerprinted differently, so seeds 0-4 each scored the same
+    7,000 pairs again with all seven references."""
+    from datamodules.reference_cache import ReferenceSpec
+    from lightning_modules.references.cache_builder import compute_for_datamodule
+
+    fixture = fixtures["ultrafeedback"]
+
+    def study(seed: int) -> PreferenceDataModule:
+        split = StudySplit(seed=seed, sample_size=8, sizes=(4, 2, 2), percentile=2.5, max_tokens=512,
+                           cache_dir=str(tmp_path / "cache"))
+        return datamodule("ultrafeedback", fixture, assets, study_split=split,
+                          reference_cache=[ReferenceSpec(str(assets / "model"))])
+
+    first = compute_for_datamodule(study(0))
+    assert [(role, result.computed) for role, result in first] == [("study sample", True)]
+    again = compute_for_datamodule(study(1))
+    assert [(role, result.computed) for role, result in again] == [("study sample", False)]
+    assert first[0][1].rows == again[0][1].rows >= 7  # the 8 sampled pairs, distinct ones (fixture rows cycle through QA)
+    dm = study(1)
+    dm.setup(None)  # every role of seed 1 finds its rows in the one cache
+    assert [len(dm.data[role]) for role in ("train", "val", "test")] == [4, 2, 2]
+    assert all(len(item["ref_chosen_logps"]) == 1 for role in ("train", "val", "test") for item in dm.data[role])
+
+
 def test_prompt_datamodule_reads_prompts_of_a_preference_dataset(fixtures, assets) -> None:
     fixture = fixtures["ultrafeedback"]
     dm = PromptDataModule(str(fixture.path), str(assets / "model"), predict_split="test_prefs", max_bad_fraction=1.0)
