@@ -13,7 +13,7 @@ import copy
 import warnings
 from typing import Any, get_args
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from datamodules.utils.errors import UserInputError
 from lightning_modules.logprobs import PairLogps, concatenated_forward, preference_accuracy
@@ -94,33 +94,43 @@ class DPOModule(PolicyModule):
         super().configure_model()
         if self.reference is not None:
             return
-        if self.reference_mode == "live" and self.lora is not None and self.reference_name_or_path is None \
-                and self.reference_quantization in ("none", self.lora.base_quantization):
-            # a LoRA policy's reference is its own base model, float or (QLoRA) 4-bit: adapters off, no copy
-            self.reference = AdapterOffReference(self.policy, average=self.average_logps)
-        elif self.reference_mode == "live":
-            source = self.reference_name_or_path or self.model_name_or_path
-            register = True  # a submodule: moved, wrapped and checkpointed with the policy
-            if self.reference_quantization != "none":  # quantized at load time, kept out of the optimizer
-                # Under DeepSpeed: loaded whole on this rank's device (bitsandbytes weights cannot be partitioned)
-                # and kept out of the engine, which would otherwise partition or cast it (SPEC section 3).
-                register = deepspeed_strategy_config(self._trainer) is None
-                device = self.trainer.strategy.root_device if self._trainer is not None else None
-                with outside_zero3(self._hf_deepspeed_config):
-                    model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization,
-                                                 device=device)
-            elif self.reference_name_or_path is None and not is_partitioned(self.policy):
-                model = copy.deepcopy(self.policy)
-            else:  # a named reference, or (ZeRO-3: a copy of partitions is empty) the policy's own source again
-                key = "model.reference_name_or_path" if self.reference_name_or_path else "model.model_name_or_path"
-                model = load_causal_lm(source, dtype=self.dtype_name, key=key)
-            self.reference = LiveReference(model, average=self.average_logps, register=register)
+        if self.reference_mode == "live":
+            self.reference = self.build_live_reference()
         elif self.reference_mode == "precomputed":
             self.reference = PrecomputedReference()
         elif self.reference_mode == "cached":
             self.reference = CachedReference(shape=self.objective.reference_shape, average=self.average_logps)
         else:
             self.reference = NoReference()
+
+    def build_live_reference(self) -> nn.Module:
+        """The live reference of `configure_model` (subclasses with several references override this)."""
+        if self.lora is not None and self.reference_name_or_path is None \
+                and self.reference_quantization in ("none", self.lora.base_quantization):
+            # a LoRA policy's reference is its own base model, float or (QLoRA) 4-bit: adapters off, no copy
+            return AdapterOffReference(self.policy, average=self.average_logps)
+        return self.live_reference(self.reference_name_or_path, "model.reference_name_or_path")
+
+    def live_reference(self, name_or_path: str | None, key: str) -> LiveReference:
+        """A frozen reference model (None: the initial policy), in `reference_quantization`, for this strategy.
+
+        Float references are submodules (moved, wrapped and partitioned with the policy). A quantized one is
+        loaded whole on this rank's device; under DeepSpeed it is kept out of the engine, which would
+        otherwise partition or cast it (bitsandbytes weights cannot be partitioned; SPEC section 3).
+        """
+        source = name_or_path or self.model_name_or_path
+        if self.reference_quantization != "none":
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
+            with outside_zero3(self._hf_deepspeed_config):
+                model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization,
+                                             device=device)
+            return LiveReference(model, average=self.average_logps,
+                                 register=deepspeed_strategy_config(self._trainer) is None)
+        if name_or_path is None and not is_partitioned(self.policy):
+            model = copy.deepcopy(self.policy)
+        else:  # a named reference, or (ZeRO-3: a copy of partitions is empty) the policy's own source again
+            model = load_causal_lm(source, dtype=self.dtype_name, key=key if name_or_path else "model.model_name_or_path")
+        return LiveReference(model, average=self.average_logps)
 
     def check_objective(self, objective: Objective) -> None:
         """A UserInputError unless this module can train `objective` (here: one reference)."""

@@ -18,6 +18,7 @@ import torch
 
 from datamodules import PreferenceDataModule
 from datamodules.reference_cache import ReferenceSpec
+from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.multiref import ARWC, STRATEGIES, SWCW, TSW, VAW, Fixed, MultiReferenceModule, reference_signals
 from lightning_modules.objectives import MDPO, MRPO, OBJECTIVES
@@ -82,6 +83,34 @@ def test_identical_references_are_dpo_end_to_end(assets: Path, refs, objective) 
     assert multi == pytest.approx(single, abs=1e-5, rel=0)
     alphas = [v for k, v in logged[0].items() if k.startswith("train/alpha/")]
     assert alphas == pytest.approx([1 / 3] * 3)  # VAW of identical references: uniform
+
+
+@pytest.mark.parametrize("weighting", [ARWC(), VAW()], ids=["arwc", "vaw"])
+def test_live_references_train_as_their_caches_do(assets: Path, refs, weighting) -> None:
+    """K live references that share the policy's tokenizer (scored in the policy's forward layout, counts from its
+    labels) give the losses of the same references cached, for an online (ARWC) and an offline (VAW) strategy."""
+    data, specs = refs
+    options = {"weighting": weighting, "optimizer": ADAMW, "average_logps": True}
+    live_module = MultiReferenceModule(str(assets / "model"), reference="live", **options,
+                                       live_references=[str(assets / "model"), str(assets / "model")])
+    live, logged = fit(live_module, make_dm(data, assets, []))
+    cached, _ = fit(MultiReferenceModule(str(assets / "model"), **options), make_dm(data, assets, [specs[0]] * 2))
+    assert live == pytest.approx(cached, abs=1e-5, rel=0)
+    batches = 3 + (1 if isinstance(weighting, VAW) else 0)  # 3 steps, and VAW's pass over the 8 validation pairs
+    assert live_module.reference.forward_calls == 2 * batches  # each of the K = 2 models once per batch
+    assert [k for k in logged[0] if k.startswith("train/alpha/")] == [f"train/alpha/{assets.name}_model_{i}" for i in range(2)]
+
+
+def test_live_references_must_share_the_policy_tokenizer(assets: Path, other_assets: Path, refs) -> None:  # noqa: F811
+    data, _ = refs
+    module = MultiReferenceModule(str(assets / "model"), reference="live", optimizer=ADAMW,
+                                  live_references=[str(assets / "model"), str(other_assets / "model")])
+    with pytest.raises(UserInputError, match=r"model.live_references\[1\].*tokenizer.*reference_cache"):
+        fit(module, make_dm(data, assets, []), steps=1)
+    with pytest.raises(UserInputError, match="model.live_references"):
+        MultiReferenceModule(str(assets / "model"), reference="live")
+    with pytest.raises(UserInputError, match="model.live_references.*reference=live"):
+        MultiReferenceModule(str(assets / "model"), live_references=[str(assets / "model")])
 
 
 def test_alpha_and_per_reference_losses_are_logged(assets: Path, refs) -> None:
@@ -216,3 +245,33 @@ def test_ddp_ranks_share_alpha_and_equal_one_process(assets: Path, refs, tmp_pat
     assert max((exports[1][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
     for key, value in exports[1].items():
         torch.testing.assert_close(exports[2][key], value, atol=2e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_zero3_live_references_equal_their_cache_in_one_process(assets: Path, refs, tmp_path: Path) -> None:
+    """K = 2 live references partitioned under ZeRO-3 on 2 CPU processes (VAW reads the whole validation split
+    through them on every rank before the first step) train as the same references cached, in one process."""
+    from deepspeed_cpu import fit_two_ranks, zero_strategy
+    from safetensors.torch import load_file
+    from test_configs import REPO, write_localized
+
+    data, specs = refs
+    config = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    model = str(assets / "model")
+    common = ["--model.class_path=lightning_modules.multiref.MultiReferenceModule", "--model.init_args.objective=MDPO",
+              "--model.init_args.weighting=VAW", f"--data.init_args.path={data}", "--trainer.max_steps=3"]
+    runs = {"cached": ("auto", 1, ["--model.init_args.reference=cached",
+                                   f"--data.init_args.reference_cache=[{{name_or_path: {model}}}, {{name_or_path: {model}}}]"]),
+            "zero3_live": (zero_strategy(3), 2, ["--model.init_args.reference=live",
+                                                 f"--model.init_args.live_references=[{model}, {model}]"])}
+    exports = {}
+    for name, (strategy, devices, extra) in runs.items():
+        export = tmp_path / f"export_{name}"
+        run = fit_two_ranks(config, tmp_path, strategy, export=export, devices=devices,
+                            extra=[*common, f"--data.init_args.batch_size={8 // devices}", *extra])
+        assert run.returncode == 0, f"{name}: {run.tail()}"
+        exports[name] = load_file(export / "model.safetensors")
+    initial = load_file(assets / "model/model.safetensors")
+    assert max((exports["cached"][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    for key, value in exports["cached"].items():
+        torch.testing.assert_close(exports["zero3_live"][key], value, atol=1e-5, rtol=0, msg=key)

@@ -140,6 +140,31 @@ def test_dpo_module_with_a_quantized_live_reference(assets, level) -> None:
 
 
 
+
+def test_multi_reference_module_with_quantized_live_references(assets) -> None:
+    """K = 2 live references in 8-bit: both quantized, frozen, and scored into (B, 2) columns near the float ones."""
+    from datamodules import PreferenceDataModule
+    from lightning_modules.logprobs import sequence_logps
+    from lightning_modules.multiref import MultiReferenceModule
+
+    module = MultiReferenceModule(str(assets / "model"), reference="live", reference_quantization="8bit",
+                                  live_references=[str(assets / "model")] * 2)
+    module.configure_model()
+    assert all(quantized_linear_count(ref.model)[0] > 0 for ref in module.reference.references)
+    dm = PreferenceDataModule(str(assets / "data/prefs"), str(assets / "model"), batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    columns = module.reference.columns(batch)
+    assert columns["ref_chosen_logps"].shape == (4, 2)
+    assert torch.equal(columns["ref_chosen_counts"][:, 0], (batch["chosen_labels"][:, 1:] != -100).sum(-1))
+    with torch.no_grad():
+        exact = module.policy(input_ids=batch["chosen_input_ids"],  # the float policy is the float reference
+                              attention_mask=batch["chosen_attention_mask"]).logits
+    float_logps = sequence_logps(exact, batch["chosen_labels"])[0]
+    torch.testing.assert_close(columns["ref_chosen_logps"][:, 0], float_logps, atol=0.5, rtol=0.02)
+    assert not torch.equal(columns["ref_chosen_logps"][:, 0], float_logps)  # really the quantized model
+
+
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory) -> Path:
     """A tiny Llama whose down_proj (in_features 128: two 64-weight blocks per row) takes bnb's fused CPU kernel."""

@@ -1,4 +1,4 @@
-"""MRPO / MDPO against K cached references, with α from a weighting strategy (SPEC sections 2 and 4).
+"""MRPO / MDPO against K references, cached or live, with α from a weighting strategy (SPEC sections 2 and 4).
 
     model:
       class_path: lightning_modules.multiref.MultiReferenceModule
@@ -8,6 +8,10 @@
     data:
       init_args:
         reference_cache: [{name_or_path: ...}, {name_or_path: ...}]   # the K references, each its own tokenizer
+
+Live references instead (`reference: live`, `live_references: [A, B, C]`, optionally
+`reference_quantization: 8bit`) must share the policy's tokenizer; `LiveReferences` scores each
+batch into the same (B, K) columns the cache gives, so everything below reads them alike.
 
 This is `DPOModule` with one change: `preference_losses` asks the strategy for α and logs, per
 reference (named after its `name_or_path`), α (`train/alpha/<name>`) and that reference's own DPO loss
@@ -26,7 +30,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from datamodules.reference_cache import reference_labels
+from datamodules.reference_cache import ReferenceSpec, reference_labels
+from datamodules.tokenize import load_tokenizer
 from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import PairLogps, concatenated_forward, preference_accuracy
@@ -34,6 +39,7 @@ from lightning_modules.objectives import MDPO, Objective, PreferenceLossOutput, 
 from lightning_modules.multiref.base import WeightingStrategy
 from lightning_modules.multiref.offline import VAW
 from lightning_modules.multiref.signals import ReferenceSignals, batch_signals
+from lightning_modules.references.providers import LiveReferences
 
 CHECKPOINT_KEY = "weighting"  # under checkpoint["prefopt"]
 
@@ -42,20 +48,29 @@ class MultiReferenceModule(DPOModule):
     """MRPO / MDPO against the K references of `data.init_args.reference_cache`, α from `weighting`."""
 
     def __init__(self, model_name_or_path: str, objective: Objective = MDPO(), weighting: WeightingStrategy = VAW(),
-                 reference: Literal["cached"] = "cached", **kwargs: Any):
+                 reference: Literal["cached", "live"] = "cached", live_references: list[str] | None = None,
+                 **kwargs: Any):
         """Multi-reference preference optimization.
 
         Args:
             model_name_or_path: hub id or local folder of the initial policy (HF `from_pretrained` layout).
             objective: MDPO (α-weighted sum of K DPO losses) or MRPO (DPO against the α-weighted harmonic mixture).
             weighting: where α comes from: Fixed, ARWC, VDW, VAW, SWCW, SWCWOneHot, TSW (`--model.init_args.weighting.help TSW`).
-            reference: always `cached`: the K references' log-probs come from data.init_args.reference_cache.
-            **kwargs: DPOModule's (beta, average_logps, sft_weight, optimizer, lora, ...).
+            reference: `cached` (the K references of data.init_args.reference_cache, no model loaded) or `live`.
+            live_references: with reference=live, the K models (hub ids / local folders), which must share the
+                policy's tokenizer; loaded in the policy's dtype, or in `reference_quantization` (8bit, 4bit).
+            **kwargs: DPOModule's (beta, average_logps, sft_weight, reference_quantization, optimizer, lora, ...).
         """
-        if reference != "cached":
-            raise UserInputError(f"model.reference={reference!r}: MultiReferenceModule reads the K references' "
-                                 "cached log-probs (model.reference=cached, data.init_args.reference_cache)")
+        if reference not in ("cached", "live"):
+            raise UserInputError(f"model.reference={reference!r}: MultiReferenceModule reads K references, cached "
+                                 "(model.reference=cached, data.init_args.reference_cache) or live "
+                                 "(model.reference=live, model.live_references)")
+        if (reference == "live") != bool(live_references):
+            raise UserInputError(f"model.live_references={live_references!r} with model.reference={reference!r}: "
+                                 "list the K models in model.live_references exactly when reference=live (cached "
+                                 "references go in data.init_args.reference_cache)")
         super().__init__(model_name_or_path, objective=objective, reference=reference, **kwargs)
+        self.live_references = list(live_references or [])
         if not isinstance(weighting, WeightingStrategy):
             raise UserInputError(f"model.weighting={weighting!r} is not a weighting strategy; use one of Fixed, ARWC, "
                                  "VDW, VAW, SWCW, SWCWOneHot, TSW (lightning_modules.multiref)")
@@ -67,6 +82,23 @@ class MultiReferenceModule(DPOModule):
         if objective.reference_shape != "multi":
             raise UserInputError(f"model.objective={objective!r} takes one reference: use MDPO or MRPO here, or "
                                  "lightning_modules.dpo.DPOModule for single-reference objectives")
+
+    # ---- live references ----------------------------------------------------------------------------------------
+    def build_live_reference(self) -> LiveReferences:
+        tokenizer = getattr(self.datamodule_or_none(), "tokenizer", None)
+        for k, name_or_path in enumerate(self.live_references):
+            check_shared_tokenizer(name_or_path, tokenizer, key=f"model.live_references[{k}]")
+        return LiveReferences([self.live_reference(name_or_path, f"model.live_references[{k}]")
+                               for k, name_or_path in enumerate(self.live_references)], average=self.average_logps)
+
+    def with_reference_columns(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`batch` with the K references' (B, K) columns: cached ones are there already; live ones are computed."""
+        if isinstance(self.reference, LiveReferences) and "ref_chosen_logps" not in batch:
+            return {**batch, **self.reference.columns(batch)}
+        return batch
+
+    def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        return super().model_step(self.with_reference_columns(batch), stage)
 
     # ---- the loss -----------------------------------------------------------------------------------------------
     def preference_losses(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor],
@@ -89,9 +121,14 @@ class MultiReferenceModule(DPOModule):
 
     def reference_names(self, k: int | None = None) -> list[str]:
         """Short, unique names of the K references (`datamodules.reference_cache.reference_labels`), for metric keys."""
-        specs = getattr(self.datamodule_or_none(), "reference_cache", None) or []
-        names = reference_labels(specs)
+        names = reference_labels(self.reference_specs())
         return names if k is None or len(names) == k else [f"ref{i}" for i in range(k)]
+
+    def reference_specs(self) -> list[ReferenceSpec]:
+        """The K references: the live models, or the data module's cached ones."""
+        if self.live_references:
+            return [ReferenceSpec(name_or_path) for name_or_path in self.live_references]
+        return list(getattr(self.datamodule_or_none(), "reference_cache", None) or [])
 
     def datamodule_or_none(self) -> Any:
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -136,9 +173,10 @@ class MultiReferenceModule(DPOModule):
     # ---- WeightingContext ----------------------------------------------------------------------------------------
     @property
     def num_references(self) -> int:
-        specs = getattr(self.datamodule_or_none(), "reference_cache", None)
+        specs = self.reference_specs()
         if not specs:
-            raise UserInputError("MultiReferenceModule needs the K references in data.init_args.reference_cache")
+            raise UserInputError("MultiReferenceModule needs the K references in data.init_args.reference_cache "
+                                 "(or, with model.reference=live, in model.live_references)")
         return len(specs)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -157,7 +195,12 @@ class MultiReferenceModule(DPOModule):
         datamodule, items = self.datamodule_or_none(), self._validation_items()
         collate, size = datamodule.collator(), datamodule.eval_batch_size
         for start in range(0, len(items), size):
-            yield batch_signals(collate(items[start:start + size]))
+            batch = collate(items[start:start + size])
+            if isinstance(self.reference, LiveReferences):
+                columns = self.reference.columns({k: v.to(self.device) if isinstance(v, Tensor) else v
+                                                  for k, v in batch.items()})
+                batch = {**batch, **{k: v.cpu() for k, v in columns.items()}}
+            yield batch_signals(batch)
 
     @torch.no_grad()
     def validation_accuracy(self, indices: list[int]) -> float:
@@ -177,3 +220,24 @@ class MultiReferenceModule(DPOModule):
         finally:
             self.policy.train(was_training)
         return correct / max(len(chosen), 1)
+
+
+def check_shared_tokenizer(name_or_path: str, tokenizer: Any, *, key: str) -> None:
+    """A UserInputError unless the reference at `name_or_path` tokenizes as the policy does (same vocabulary).
+
+    A live reference is scored on the policy's token ids; one with another tokenizer belongs in the cache,
+    which renders and scores each pair with the reference's own tokenizer and template. A reference folder
+    without tokenizer files is taken to share the policy's.
+    """
+    if tokenizer is None:
+        return
+    try:
+        own = load_tokenizer(name_or_path, key=key)
+    except UserInputError:  # no tokenizer files (loading the model itself names a missing folder)
+        return
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise UserInputError(
+            f"{key}={name_or_path!r} has another tokenizer than the policy ({len(own)} vs {len(tokenizer)} tokens, or "
+            "the same count with other ids); a live reference is scored on the policy's token ids. Put it in "
+            "data.init_args.reference_cache instead (model.reference=cached): the cache scores each reference with "
+            "its own tokenizer and template.")

@@ -9,6 +9,8 @@ Each returns tensors of shape (B,) (or (B, K) for several references). Modes (SP
   `datamodules.PreferenceDataModule(reference_cache=...)` reads from the cache built by
   `lightning_modules.references.cache_builder`; no model, no forward pass. Single-reference objectives get
   (B,) (K must be 1), multi-reference ones (`reference_shape == "multi"`: MRPO, MDPO) the full (B, K).
+- `live` with K models (`LiveReferences`, MRPO / MDPO): K frozen models that share the policy's
+  tokenizer, scored on the policy's batch and read as K cached references.
 - `none`: reference-free DPO, Δref = 0 (RefDPO's "posterior probability" parameterization).
 """
 
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from datamodules.utils.errors import UserInputError
 from lightning_modules.objectives import ReferenceShape
-from lightning_modules.logprobs import concatenated_forward
+from lightning_modules.logprobs import PairLogps, concatenated_forward
 from lightning_modules.models.adapters import adapters_disabled
 
 ReferenceMode = Literal["live", "precomputed", "cached", "none"]
@@ -49,9 +51,13 @@ class LiveReference(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def pair_logps(self, batch: dict[str, Tensor], *, average: bool | None = None) -> PairLogps:
+        """Log-probs and token counts of both sides (`average`: None = this reference's own setting)."""
         self.forward_calls += 1
-        out = concatenated_forward(self.model, batch, average=self.average)
+        return concatenated_forward(self.model, batch, average=self.average if average is None else average)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        out = self.pair_logps(batch)
         return out.chosen_logps, out.rejected_logps
 
 
@@ -141,3 +147,35 @@ class NoReference(nn.Module):
         n = batch["chosen_input_ids"].shape[0]
         zeros = torch.zeros(n, device=batch["chosen_input_ids"].device)
         return zeros, zeros.clone()
+
+
+class LiveReferences(CachedReference):
+    """K live references that share the policy's tokenizer, read as K cached ones (MRPO / MDPO).
+
+    `columns(batch)` scores the policy's own pair batch with each model and returns the (B, K) columns
+    a reference cache would give (summed log-probs, and token counts, which are the policy's since the
+    tokenizer is shared); `forward` then reads them exactly as `CachedReference` does.
+    """
+
+    def __init__(self, references: list[LiveReference], *, average: bool = False):
+        super().__init__(shape="multi", average=average)
+        self.references = nn.ModuleList(references)
+
+    @property
+    def forward_calls(self) -> int:
+        return sum(reference.forward_calls for reference in self.references)
+
+    def columns(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`ref_chosen_logps`, `ref_rejected_logps` (float32) and `ref_*_counts`, each (B, K)."""
+        outs = [reference.pair_logps(batch, average=False) for reference in self.references]
+
+        def stack(field: str) -> Tensor:
+            return torch.stack([getattr(out, field) for out in outs], dim=1)
+
+        return {"ref_chosen_logps": stack("chosen_logps").float(), "ref_rejected_logps": stack("rejected_logps").float(),
+                "ref_chosen_counts": stack("chosen_counts"), "ref_rejected_counts": stack("rejected_counts")}
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if "ref_chosen_logps" not in batch:
+            batch = {**batch, **self.columns(batch)}
+        return super().forward(batch)

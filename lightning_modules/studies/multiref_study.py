@@ -10,8 +10,8 @@ The multi-reference paper's study (SPEC section 4) at toy scale, on the syntheti
    `prefft_config`) on the pairs' validation file, which the study never samples from
    (`references/<name>/`): more Pref-FT = a reference whose own likelihood prefers the chosen
    response more often (its test accuracy is in the report);
-3. per seed: the study split (sample, then train / val / test by the seed) and every reference's
-   cached log-probs on it (`lightning_modules.references.cache_builder`);
+3. every reference's cached log-probs on the study sample, once (`lightning_modules.references.cache_builder`;
+   the cache is keyed by the seed-independent sample, so each seed's train / val / test finds its pairs in it);
 4. per seed and method, one in-process `fit` of `train_config` through the CLI (`lightning_modules.cli.main`),
    then `test`: the policy starts as the reference named `policy`; `dpo_<ref>` is single-reference
    DPO against one reference, `<objective>_<strategy>` is `MultiReferenceModule` against all K.
@@ -201,16 +201,19 @@ def multiref_study(references: list[StudyReference], out_dir: str = "runs/multir
     reference_quality: dict[str, list[float]] = {name: [] for name in names}
     policy_path = str(export_of(out, references[names.index(policy)]))
     all_refs = reference_cache(out, references)
+
+    def data_args(seed: int) -> list[str]:
+        return [f"--data.init_args.study_split.seed={seed}", f"--data.init_args.path={assets / 'data/prefs'}",
+                f"--data.init_args.study_split.sample_size={sample_size}",
+                f"--data.init_args.study_split.sizes={list(sizes)}"]
+
+    done = out / "runs" / "caches.done"  # one cache of the sample serves every seed
+    run_step("cache", ["-m", "lightning_modules.references.cache_builder", "--config", train_config,
+                       *data_args(seeds[0]), all_refs, "--tokenizer", policy_path], done, logs)
+    write_text_atomic(done, "ok\n")
     for seed in seeds:
-        data_args = [f"--data.init_args.study_split.seed={seed}", f"--data.init_args.path={assets / 'data/prefs'}",
-                     f"--data.init_args.study_split.sample_size={sample_size}",
-                     f"--data.init_args.study_split.sizes={list(sizes)}"]
-        common = [f"--seed_everything={seed}", *data_args, f"--model.init_args.model_name_or_path={policy_path}"]
-        done = out / "runs" / f"seed_{seed}" / "caches.done"
-        run_step(f"cache_seed_{seed}", ["-m", "lightning_modules.references.cache_builder", "--config", train_config,
-                                        *data_args, all_refs, "--tokenizer", policy_path], done, logs)
-        write_text_atomic(done, "ok\n")
-        for name, value in reference_accuracy(train_config, [*data_args, all_refs], policy_path, names).items():
+        common = [f"--seed_everything={seed}", *data_args(seed), f"--model.init_args.model_name_or_path={policy_path}"]
+        for name, value in reference_accuracy(train_config, [*data_args(seed), all_refs], policy_path, names).items():
             reference_quality[name].append(value)
         for method, overrides in plan.items():
             folder = out / "runs" / f"seed_{seed}" / method
