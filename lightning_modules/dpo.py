@@ -133,7 +133,13 @@ class DPOModule(PolicyModule):
         return LiveReference(model, average=self.average_logps)
 
     def check_objective(self, objective: Objective) -> None:
-        """A UserInputError unless this module can train `objective` (here: one reference)."""
+        """A UserInputError unless this module can train `objective` (here: pairs, one reference)."""
+        if objective.inputs == "samples":
+            raise UserInputError(f"model.objective={objective!r} trains on N responses sampled per prompt from the "
+                                 "current policy and scored by a reward function, not on the dataset's preference "
+                                 "pairs: use model.class_path=lightning_modules.onpolicy.OnPolicyModule, which "
+                                 "samples, scores and trains on the samples (and builds DPO / IPO pairs from them "
+                                 "for the pairwise objectives)")
         if objective.reference_shape == "multi":
             raise UserInputError(f"model.objective={objective!r} takes K references: use model.class_path="
                                  "lightning_modules.multiref.MultiReferenceModule, with the K references in "

@@ -230,7 +230,10 @@ def registry_args(name: str, dtype: torch.dtype = torch.float32) -> tuple[tuple,
     return (pc, pr, t(RC).to(dtype), t(RR).to(dtype)), {}
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+PAIRWISE = sorted(name for name, cls in OBJECTIVE_CLASSES.items() if cls.inputs == "pairs")
+
+
+@pytest.mark.parametrize("name", PAIRWISE)  # the sampled objectives: tests/test_sampled_objectives.py
 def test_registry_signature_shapes_and_detached_rewards(name: str) -> None:
     fn = OBJECTIVES[name]
     params = list(inspect.signature(fn).parameters.values())
@@ -314,16 +317,26 @@ def test_nll_loss_sum_and_average() -> None:
 # --------------------------------------------------------------------- typed configs
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVE_CLASSES))
+def test_registry_and_typed_configs_name_the_same_objectives() -> None:
+    assert set(OBJECTIVE_CLASSES) == set(OBJECTIVES)
+    assert {"sigmoid", "mrpo"} <= set(PAIRWISE) and "filtered_bc" not in PAIRWISE
+
+
+FIRST_ARGUMENTS = {"pairs": ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"],
+                   "samples": ["logps", "rewards", "ref_logps"]}
+PER_CALL = {"beta", "alphas", "mask", "running_baseline"}  # passed by the module at each call, not configured
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_registered_objective_has_a_typed_config(name: str) -> None:
     cls = OBJECTIVE_CLASSES[name]
     assert cls.name == name and name in OBJECTIVES
-    # the config's constructor arguments are exactly the pure function's options (besides beta, alphas)
-    fn_options = {p.name for p in inspect.signature(OBJECTIVES[name]).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", "alphas")}
+    params = inspect.signature(OBJECTIVES[name]).parameters
+    assert list(params)[:len(FIRST_ARGUMENTS[cls.inputs])] == FIRST_ARGUMENTS[cls.inputs]
+    # the config's constructor arguments are exactly the pure function's options (besides per-call inputs)
+    fn_options = {p.name for p in params.values() if p.kind is p.KEYWORD_ONLY and p.name not in PER_CALL}
     assert set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"} == fn_options
-    takes_alphas = "alphas" in inspect.signature(OBJECTIVES[name]).parameters
-    assert (cls.reference_shape == "multi") == takes_alphas
+    assert (cls.reference_shape == "multi") == ("alphas" in params)
 
 
 def test_typed_config_calls_its_function_with_its_options() -> None:

@@ -15,6 +15,8 @@ Two faces of each objective:
 - a small typed config class (`Objective` subclass) whose constructor arguments are exactly those
   options, documented, so `--model.init_args.objective.help CDPO` lists them, and whose
   `reference_shape` says whether it takes one reference (B,) or K references (B, K).
+On-policy objectives (`sampled.py`, `inputs = "samples"`) share the registry but take N scored
+samples per prompt instead of pairs: `fn(logps, rewards, ref_logps, *, mask, beta, **options)`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 ALPHA_MIN = 1e-6  # floor applied to multi-reference weights before renormalizing
 
 ReferenceShape = Literal["single", "multi"]  # reference log-probs of shape (B,) or (B, K)
+ObjectiveInputs = Literal["pairs", "samples"]  # (chosen, rejected) pairs, or N scored samples per prompt
 
 
 @dataclass
@@ -60,11 +63,14 @@ class Objective:
     """A configured objective: its constructor arguments are the options of `OBJECTIVES[name]`.
 
     Subclasses set `name` (the registry entry) and `reference_shape`, and declare their options
-    as typed, defaulted `__init__` arguments stored under the same attribute names.
+    as typed, defaulted `__init__` arguments stored under the same attribute names. `inputs` says
+    what the objective trains on: "pairs" (this call signature) or "samples" (N scored samples per
+    prompt, `sampled.SampledObjective`, trained by the on-policy module only).
     """
 
     name: ClassVar[str]
     reference_shape: ClassVar[ReferenceShape] = "single"
+    inputs: ClassVar[ObjectiveInputs] = "pairs"
 
     def options(self) -> dict[str, Any]:
         """The keyword options passed to the pure function (every instance attribute)."""
