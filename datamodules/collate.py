@@ -86,4 +86,6 @@ class PairCollator:
         batch = _pad_text(rows, "chosen_", self.pad_token_id, length)
         batch.update(_pad_text(rows, "rejected_", self.pad_token_id, length))
         batch.update(_float_columns(rows))
+        if "prompt" in rows[0]:  # raw prompts (`PreferenceDataModule(return_prompts=True)`), a list of B
+            batch["prompt"] = [row["prompt"] for row in rows]
         return batch

@@ -43,13 +43,14 @@ class PreferenceDataModule(TextDataModule):
 
     def __init__(self, *args: Any, reference_columns: tuple[str, str] | None = None,
                  study_split: StudySplit | None = None, reference_cache: list[ReferenceSpec] | None = None,
-                 **kwargs: Any):
+                 return_prompts: bool = False, **kwargs: Any):
         """Preference data.
 
         Args:
             reference_columns: extra (chosen, rejected) columns of summed reference log-probs to pass to the batch.
             study_split: carve train/val/test out of train_split as in the multi-reference study (SPEC section 4).
             reference_cache: references whose cached log-probs are attached to each pair as (K,) columns.
+            return_prompts: also pass each pair's raw prompt to the batch as `prompt` (on-policy training scores to it).
         """
         super().__init__(*args, **kwargs)
         specs = [s if isinstance(s, ReferenceSpec) else ReferenceSpec(**s) for s in reference_cache or ()]
@@ -57,6 +58,7 @@ class PreferenceDataModule(TextDataModule):
             raise UserInputError("data.reference_columns and data.reference_cache both fill ref_chosen_logps / "
                                  "ref_rejected_logps; set only one of them")
         self.reference_cache = specs or None
+        self.return_prompts = return_prompts
         self.reference_columns = reference_columns
         self.study_split = study_split
         self.study_result = None
@@ -90,6 +92,8 @@ class PreferenceDataModule(TextDataModule):
         if truncated and self.overlength == "drop":
             return "too_long"
         item: dict[str, Any] = {"truncated": truncated, **pair_columns(encoded)}
+        if self.return_prompts:
+            item["prompt"] = example["prompt"]
         if self.reference_cache:  # cached values replace any shipped ones (RefDPO's) in `prepare`
             item["pair_key"] = pair_key(example)
             return item

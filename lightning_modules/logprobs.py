@@ -90,7 +90,30 @@ def concatenated_forward(
         average: length-normalize the log-probs (see `sequence_logps`).
         output_hidden_states: also return every layer's hidden states (no extra forward).
     """
-    inputs = concatenate_pair(batch)
+    logps, counts, hidden_states = sequence_forward(model, concatenate_pair(batch), average=average,
+                                                    output_hidden_states=output_hidden_states)
+    n = batch["chosen_input_ids"].shape[0]
+    return PairLogps(
+        chosen_logps=logps[:n],
+        rejected_logps=logps[n:],
+        chosen_counts=counts[:n],
+        rejected_counts=counts[n:],
+        hidden_states=hidden_states,
+    )
+
+
+def sequence_forward(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    *,
+    average: bool = False,
+    output_hidden_states: bool = False,
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """One forward of `model` on (N, T) `input_ids` / `attention_mask` / `labels` (right-padded sequences).
+
+    Returns (logps (N,), token counts (N,), every layer's hidden states or None); see `sequence_logps`.
+    `concatenated_forward` is this on `[chosen; rejected]`; on-policy samples use it directly.
+    """
     out = model(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
@@ -98,14 +121,7 @@ def concatenated_forward(
         use_cache=False,
     )
     logps, counts = sequence_logps(out.logits, inputs["labels"], average=average)
-    n = batch["chosen_input_ids"].shape[0]
-    return PairLogps(
-        chosen_logps=logps[:n],
-        rejected_logps=logps[n:],
-        chosen_counts=counts[:n],
-        rejected_counts=counts[n:],
-        hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
-    )
+    return logps, counts, tuple(out.hidden_states) if output_hidden_states else None
 
 
 def preference_accuracy(logps: PairLogps, *, averaged: bool = False) -> Tensor:

@@ -136,7 +136,7 @@ def test_init_descriptions_follows_kwargs():
 
     inherited = init_descriptions(PreferenceDataModule)
     own = set(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
-    assert set(inherited) == own | {"reference_columns", "study_split", "reference_cache"}
+    assert set(inherited) == own | {"reference_columns", "study_split", "reference_cache", "return_prompts"}
     assert inherited["max_length"] == init_descriptions(TextDataModule)["max_length"]
 
 

@@ -79,6 +79,8 @@ class MultiReferenceModule(DPOModule):
         self._step_open_at: int | None = None  # global_step when the current optimizer step's first micro-batch began
 
     def check_objective(self, objective: Objective) -> None:
+        if objective.inputs == "samples":
+            super().check_objective(objective)  # points to the on-policy module
         if objective.reference_shape != "multi":
             raise UserInputError(f"model.objective={objective!r} takes one reference: use MDPO or MRPO here, or "
                                  "lightning_modules.dpo.DPOModule for single-reference objectives")

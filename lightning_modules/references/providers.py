@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from datamodules.utils.errors import UserInputError
 from lightning_modules.objectives import ReferenceShape
-from lightning_modules.logprobs import PairLogps, concatenated_forward
+from lightning_modules.logprobs import PairLogps, concatenated_forward, sequence_forward
 from lightning_modules.models.adapters import adapters_disabled
 
 ReferenceMode = Literal["live", "precomputed", "cached", "none"]
@@ -60,6 +60,12 @@ class LiveReference(nn.Module):
         out = self.pair_logps(batch)
         return out.chosen_logps, out.rejected_logps
 
+    @torch.no_grad()
+    def sequences(self, inputs: dict[str, Tensor]) -> Tensor:
+        """(N,) log-probs of N right-padded sequences `input_ids` / `attention_mask` / `labels` (on-policy samples)."""
+        self.forward_calls += 1
+        return sequence_forward(self.model, inputs, average=self.average)[0]
+
 
 class AdapterOffReference(nn.Module):
     """The reference of a LoRA / QLoRA policy: the same peft model with its adapters disabled (no second copy).
@@ -88,6 +94,19 @@ class AdapterOffReference(nn.Module):
         finally:
             policy.train(was_training)
         return out.chosen_logps, out.rejected_logps
+
+    @torch.no_grad()
+    def sequences(self, inputs: dict[str, Tensor]) -> Tensor:
+        """(N,) log-probs of N right-padded sequences under the base model (adapters off, eval mode)."""
+        self.forward_calls += 1
+        policy = self._policy
+        was_training = policy.training
+        policy.eval()
+        try:
+            with adapters_disabled(policy):
+                return sequence_forward(policy, inputs, average=self.average)[0]
+        finally:
+            policy.train(was_training)
 
 
 class PrecomputedReference(nn.Module):
@@ -147,6 +166,9 @@ class NoReference(nn.Module):
         n = batch["chosen_input_ids"].shape[0]
         zeros = torch.zeros(n, device=batch["chosen_input_ids"].device)
         return zeros, zeros.clone()
+
+    def sequences(self, inputs: dict[str, Tensor]) -> Tensor:
+        return torch.zeros(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
 
 
 class LiveReferences(CachedReference):
