@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study multiref-bench
+.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study bandit multiref-bench
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ refdpo-sweep: $(STAMP)
 # 3 seeds (resumes: delete runs/multiref-study to start over).
 multiref-study: $(STAMP)
 	$(PY) -m lightning_modules.studies.multiref_study --config configs/studies/multiref-study/study.yaml
+
+# The on-policy study's bandit: 2 rewards × 6 algorithms × offline / on-policy × 3 seeds (CPU, ~3 min; resumes: delete runs/bandit).
+bandit: $(STAMP)
+	$(PY) -m lightning_modules.studies.bandit_study --config configs/studies/bandit/study.yaml
 
 # Step cost of K = 3 cached references (MRPO / MDPO) against DPO with one, on the demo model (CPU, ~2 min).
 multiref-bench: $(STAMP)

@@ -104,6 +104,11 @@ def is_strategy_config(path: Path) -> bool:
     return path.parent == REPO / "configs/strategy"
 
 
+def is_bandit_config(config: dict[str, Any]) -> bool:
+    """A training config of the bandit (configs/bandit/): no model weights, no tokenizer, no dataset files."""
+    return is_training_config(config) and config["model"]["class_path"].startswith("lightning_modules.bandit.")
+
+
 def is_evaluation_config(config: dict[str, Any]) -> bool:
     return {"policies", "prompts_path", "reward"} <= config.keys()
 
@@ -165,7 +170,9 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(REPO / "configs").as_posix() for p in CONFIGS])
 def test_config_instantiates(path, assets, tmp_path, no_loading, capsys):
     config = yaml.safe_load(path.read_text())
-    if is_training_config(config):
+    if is_bandit_config(config):
+        check_bandit_config(config, path, assets, tmp_path)
+    elif is_training_config(config):
         check_training_config(config, path, assets, tmp_path)
     elif is_data_config(config):
         check_data_config(config, path)
@@ -215,6 +222,22 @@ def check_training_config(config: dict[str, Any], path: Path, assets: Path, tmp_
                 assert under(where, tmp_path), (type(callback).__name__, attr, where)
 
 
+def check_bandit_config(config: dict[str, Any], path: Path, assets: Path, tmp_path: Path) -> None:
+    """Builds the bandit's module and data module through the CLI; the environment waits for `setup`."""
+    cli = main(["--config", str(write_localized(path, assets, tmp_path))], run=False)
+    assert type(cli.model) is import_class(config["model"]["class_path"])
+    assert type(cli.datamodule) is import_class(config["data"]["class_path"])
+    assert cli.datamodule.environment is None  # built in setup, not in __init__
+    for key, value in config["data"].get("init_args", {}).items():
+        assert getattr(cli.datamodule, key) == value, key
+    for key in ("mode", "num_samples", "reuse", "beta"):
+        if key in config["model"]["init_args"]:
+            assert getattr(cli.model, key) == config["model"]["init_args"][key], key
+    assert under(cli.trainer.default_root_dir, tmp_path)
+    if cli.trainer.logger is not None:
+        assert under(cli.trainer.logger.save_dir, tmp_path)
+
+
 @pytest.mark.parametrize("path", [p for p in CONFIGS if is_training_config(yaml.safe_load(p.read_text()))],
                          ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_training_config_validates_as_written(path, capsys, no_loading):
@@ -223,8 +246,12 @@ def test_training_config_validates_as_written(path, capsys, no_loading):
         main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["model_name_or_path"] == yaml.safe_load(path.read_text())["model"]["init_args"][
-        "model_name_or_path"]
+    config = yaml.safe_load(path.read_text())
+    if is_bandit_config(config):  # no model path: the data module must not have grown a linked tokenizer either
+        assert printed["model"]["class_path"] == config["model"]["class_path"]
+        assert "tokenizer_name_or_path" not in printed["data"]["init_args"]
+        return
+    assert printed["model"]["init_args"]["model_name_or_path"] == config["model"]["init_args"]["model_name_or_path"]
 
 
 def check_strategy_config(config: dict[str, Any], path: Path, assets: Path, tmp_path: Path) -> None:

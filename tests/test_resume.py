@@ -56,3 +56,12 @@ def test_dpo_with_length_grouping_and_reference_sync_resumes_exactly(assets: Pat
     assert_resumes_exactly(with_dropout(DPOModule, assets, beta=0.1),
                            data(PreferenceDataModule, assets, "data/prefs", group_by_length=True), tmp_path,
                            steps=10, every=5, make_callbacks=lambda: [ReferenceSync(every_n_steps=4, alpha=0.5)])
+
+
+def test_bandit_resumes_exactly(tmp_path: Path) -> None:
+    """The bandit's round (reuse 4: step 6 is mid-round), sampling generators and query count (more: test_bandit.py)."""
+    from datamodules.bandit import BanditDataModule
+    from lightning_modules.bandit import BanditModule
+
+    assert_resumes_exactly(lambda: BanditModule(mode="on_policy", reuse=4, num_samples=4, prefit_steps=5),
+                           lambda: BanditDataModule(n_contexts=8), tmp_path, steps=12, every=6)

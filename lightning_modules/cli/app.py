@@ -1,10 +1,12 @@
 """The one CLI (`lightning_modules.cli`): `python -m lightning_modules fit|validate|test|predict --config configs/....yaml`.
 
-A `LightningCLI` whose model and data are chosen by `class_path` (any `PolicyModule` /
-`TextDataModule` subclass), parsed in jsonargparse's `omegaconf+` mode so `${...}` interpolations
+A `LightningCLI` whose model and data are chosen by `class_path` (any `LightningModule` /
+`LightningDataModule`: the LLM modules (`PolicyModule`, `TextDataModule` subclasses) and the bandit's
+`BanditModule` / `BanditDataModule`), parsed in jsonargparse's `omegaconf+` mode so `${...}` interpolations
 resolve after command-line overrides. The tokenizer path is linked from the model path, never
-repeated. Bad config keys or types exit with status 2 and one paragraph that leads with the key and
-value (`lead_with_key`); a `UserInputError` raised while building or running exits with status 2 and its
+repeated (jsonargparse applies the link only when both chosen classes have those parameters). Bad
+config keys or types exit with status 2 and one paragraph that leads with the key and value
+(`lead_with_key`); a `UserInputError` raised while building or running exits with status 2 and its
 message, no traceback. Before a subcommand runs, its inputs are checked (`PrefOptCLI.check_inputs`):
 `ckpt_path` (exists, not truncated) and the model / reference / tokenizer paths (exist, or a hub id that
 can be had). Known third-party noise (one DeepSpeed line, Lightning's tips, a bitsandbytes kernel hint,
@@ -21,19 +23,18 @@ import sys
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from datamodules.text_data import TextDataModule
 from datamodules.tokenize import check_pretrained_source
 from datamodules.utils.errors import exit_on_user_error
 from lightning_modules.cli.checks import check_checkpoint
 from lightning_modules.cli.messages import ConciseParser
 from lightning_modules.cli.noise import quiet_known_noise
 from lightning_modules.models.loading import check_local_weights
-from lightning_modules.policy import PolicyModule
 
 
 class PrefOptCLI(LightningCLI):
@@ -115,8 +116,8 @@ def main(args: list[str] | None = None, run: bool = True) -> PrefOptCLI:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     with exit_on_user_error():
         return PrefOptCLI(
-            model_class=PolicyModule,
-            datamodule_class=TextDataModule,
+            model_class=L.LightningModule,  # PolicyModule subclasses (LLMs) and BanditModule
+            datamodule_class=L.LightningDataModule,  # TextDataModule subclasses and BanditDataModule
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # modules own their injected optimizer + schedule

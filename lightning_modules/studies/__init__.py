@@ -16,4 +16,5 @@ STUDIES = {
     "multiref-bench": "multiref_benchmark",
     "padding-bench": "padding_benchmark",
     "reference-quant-bench": "quantization_benchmark",
+    "bandit": "bandit_study",
 }
