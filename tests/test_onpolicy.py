@@ -22,7 +22,7 @@ from lightning_modules.logprobs import sequence_logps
 from lightning_modules.objectives import AWR, RWR, BoNNegative, FilteredBC, Reinforce, Sigmoid
 from lightning_modules.onpolicy.module import OnPolicyModule
 from lightning_modules.onpolicy.sampler import Sampling, prompt_ids_of, sample_responses
-from lightning_modules.rewards import MinLength, Synthetic
+from lightning_modules.rewards import MinLength, ModeLength, Synthetic
 from resume_helper import assert_resumes_exactly
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)
@@ -146,9 +146,36 @@ def test_bad_settings_are_named(assets: Path) -> None:
 
 def test_on_policy_training_resumes_exactly(assets: Path, tmp_path: Path) -> None:
     """A checkpoint in the middle of a round (reuse 3, checkpoint every 4 steps) holds the round's samples, the
-    round counter and the running baseline: the resumed run trains on exactly the same samples."""
+    round counter, the running baseline and the reward's state (ModeLength's mode, estimated from the SFT
+    policy at fit start): the resumed run trains on exactly the same samples with the same rewards."""
     assert_resumes_exactly(lambda: module(assets, objective=Reinforce(baseline="running"), iterations_per_batch=3,
-                                          reward=MinLength(max_length=8)),
+                                          reward=ModeLength(max_length=8, num_prompts=4, samples_per_prompt=2)),
                            lambda: make_dm(assets), tmp_path, steps=8, every=4)
-    assert_resumes_exactly(lambda: module(assets, iterations_per_batch=3), lambda: make_dm(assets), tmp_path / "dpo",
-                           steps=8, every=4)
+    losses = assert_resumes_exactly(lambda: module(assets, iterations_per_batch=3, reward=MinLength(max_length=8)),
+                                    lambda: make_dm(assets), tmp_path / "dpo", steps=8, every=4)
+    assert len(set(losses.values())) > 1 and all(v > 0 for v in losses.values())  # real pairs, not zero losses
+
+
+@pytest.mark.slow
+def test_zero3_sampling_equals_ddp(assets: Path, tmp_path: Path) -> None:
+    """On-policy DPO on 2 CPU processes: each rank samples its own prompts with its own seed; under ZeRO-3
+    (every weight partitioned, `generate` with synced ranks) the run equals the DDP run."""
+    from deepspeed_cpu import fit_two_ranks, zero_strategy
+    from safetensors.torch import load_file
+    from test_configs import REPO, write_localized
+
+    config = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    extra = ["--model.class_path=lightning_modules.onpolicy.OnPolicyModule", "--model.init_args.objective=Sigmoid",
+             "--model.init_args.reward={class_path: lightning_modules.rewards.MinLength, init_args: {max_length: 8}}",
+             "--model.init_args.sampling={num_samples: 3, max_new_tokens: 8}", "--model.init_args.reference=live",
+             "--data.init_args.return_prompts=true", "--data.init_args.batch_size=2", "--trainer.max_steps=3"]
+    exports = {}
+    for name, strategy in (("ddp", "ddp"), ("zero3", zero_strategy(3))):
+        export = tmp_path / f"export_{name}"
+        run = fit_two_ranks(config, tmp_path, strategy, export=export, extra=extra)
+        assert run.returncode == 0, f"{name}: {run.tail()}"
+        exports[name] = load_file(export / "model.safetensors")
+    initial = load_file(assets / "model/model.safetensors")
+    assert max((exports["ddp"][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    for key, value in exports["ddp"].items():
+        torch.testing.assert_close(exports["zero3"][key], value, atol=1e-5, rtol=0, msg=key)
