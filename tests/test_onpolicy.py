@@ -179,3 +179,35 @@ def test_zero3_sampling_equals_ddp(assets: Path, tmp_path: Path) -> None:
     assert max((exports["ddp"][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
     for key, value in exports["ddp"].items():
         torch.testing.assert_close(exports["zero3"][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_reward_model_scores_the_samples_and_texts_reach_tensorboard(assets: Path, tmp_path: Path) -> None:
+    """An HF sequence-classification reward model (tiny, random, its own copy of the tokenizer) scores each round;
+    the round's texts, their rewards and the sample metrics are in the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from lightning_modules.rewards import RewardModel
+    from lightning_modules.runtime import RunLogger
+
+    folder = tmp_path / "reward_model"
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=1.0)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    policy = module(assets, reward=RewardModel(str(folder)), log_samples_every=1)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=RunLogger(root_dir=str(tmp_path / "runs")),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(policy, datamodule=make_dm(assets))
+    rewards = policy.round.rewards
+    assert rewards.shape == (4, 3) and len(set(rewards.flatten().tolist())) > 1  # a real model: distinct scores
+    events = EventAccumulator(str(tmp_path / "runs" / "latest"), size_guidance={"tensors": 0}).Reload()
+    texts = [e for e in events.Tensors("train/samples/text_summary")]
+    assert [e.step for e in texts] == [0, 1]  # one per round
+    assert "reward" in texts[0].tensor_proto.string_val[0].decode()
+    assert {"train/samples/reward_mean", "train/samples/pairs_kept", "train/kl"} <= set(events.Tags()["scalars"])
