@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study bandit multiref-bench
+.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study bandit multiref-bench onpolicy-study generation-bench
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,17 @@ multiref-study: $(STAMP)
 bandit: $(STAMP)
 	$(PY) -m lightning_modules.studies.bandit_study --config configs/studies/bandit/study.yaml
 
+# On-policy vs offline preference learning on the synthetic task: 5 methods × aligned / unaligned reward × 3 seeds (CPU, ~15 min; resumes: delete runs/onpolicy-study).
+onpolicy-study: $(STAMP)
+	$(PY) -m lightning_modules.studies.onpolicy_study --config configs/studies/onpolicy-study/study.yaml
+
 # Step cost of K = 3 cached references (MRPO / MDPO) against DPO with one, on the demo model (CPU, ~2 min).
 multiref-bench: $(STAMP)
 	$(PY) -m lightning_modules.studies.multiref_benchmark --config configs/studies/multiref-bench/bench.yaml
+
+# On-policy sampling throughput and an on-policy step's generation / training split, on the demo model (CPU, ~1 min).
+generation-bench: $(STAMP)
+	$(PY) -m lightning_modules.studies.generation_benchmark --config configs/studies/generation-bench/bench.yaml
 
 # Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
 padding-bench: $(STAMP)

@@ -36,6 +36,7 @@ from lightning_modules.studies.launch import study_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# the on-policy study and the generation benchmark (until lightning_modules.studies.STUDIES lists them)
 
 # Which asset folder feeds each datamodule class (most specific first).
 DATA_FOLDERS: list[tuple[type, str]] = [(PreferenceDataModule, "data/prefs"), (SFTDataModule, "data/sft"),

@@ -17,4 +17,6 @@ STUDIES = {
     "padding-bench": "padding_benchmark",
     "reference-quant-bench": "quantization_benchmark",
     "bandit": "bandit_study",
+    "onpolicy-study": "onpolicy_study",
+    "generation-bench": "generation_benchmark",
 }
