@@ -287,6 +287,21 @@ def test_bad_key_in_yaml_leads_with_key(edit, expected, assets, tmp_path, cli_en
     assert one_paragraph(err) == expected
 
 
+def test_bad_sampling_settings_name_the_key(assets, tmp_path, cli_env, capsys):
+    """The on-policy module's sampling settings (a dataclass) are checked at construction: one paragraph naming
+    model.init_args.sampling, not jsonargparse's "Does not validate against any of the types"."""
+    config = yaml.safe_load((REPO / "configs/studies/onpolicy-study/onpolicy.yaml").read_text())
+    config["model"]["init_args"]["model_name_or_path"] = str(assets / "model")
+    config["data"]["init_args"].update(path=str(assets / "data/prefs"), tokenizer_name_or_path=str(assets / "model"))
+    path = tmp_path / "onpolicy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status, _, err = run_main(["fit", "--config", str(path), *QUIET, "--model.init_args.sampling.num_samples=1"],
+                              capsys)
+    assert status == 2
+    line = one_paragraph(err)
+    assert line.startswith("error: model.init_args.sampling=") and "num_samples >= 2" in line, line
+
+
 def test_unrecognized_message_falls_back_to_the_concise_paragraph():
     message = 'Parser key "x":\n  Something new happened\n  Given value: 3'
     assert cli_module.lead_with_key(message, None) is None

@@ -117,6 +117,30 @@ def test_reuse_samples_once_per_iterations_per_batch(assets: Path) -> None:
     assert policy.round.uses == 1 and policy.round.index == 2
 
 
+class RecordingReinforce(Reinforce):
+    """Reinforce that records, per call, the mean reward of its samples and the running baseline it was given
+    (in a class attribute: the instance's attributes are the objective's options)."""
+
+    calls: list[tuple[float, float]] = []
+
+    def __call__(self, logps, rewards, ref_logps=None, **kwargs):
+        self.calls.append((float(rewards.mean()), kwargs["running_baseline"]))
+        return super().__call__(logps, rewards, ref_logps, **kwargs)
+
+
+def test_running_baseline_steps_once_per_round_not_per_reuse(assets: Path) -> None:
+    """Reuse 2: a round's steps share one baseline, the EMA of the rounds before it (round 0: its own mean), and the
+    EMA folds in each round once: after rounds 0 and 1 it is 0.9·m0 + 0.1·m1, not 0.81·m0 + 0.19·m1."""
+    objective = RecordingReinforce(baseline="running")
+    objective.calls.clear()
+    policy = module(assets, objective=objective, iterations_per_batch=2, reward=MinLength(max_length=8))
+    fit(policy, make_dm(assets), steps=4)
+    (m0, b0), (m0_again, b1), (m1, b2), (m1_again, b3) = objective.calls
+    assert (m0_again, m1_again) == (m0, m1) and m0 != m1  # steps 2 and 4 reuse the round of steps 1 and 3
+    assert [b0, b1, b2, b3] == pytest.approx([m0, m0, m0, m0], abs=1e-6)
+    assert policy.baseline.value == pytest.approx(0.9 * m0 + 0.1 * m1, abs=1e-6)
+
+
 def test_mixing_ratio_one_trains_exactly_as_offline_dpo(assets: Path) -> None:
     """m = 1: the on-policy term has weight 0, so the run is offline DPO on the same batches, loss for loss
     (sampling draws from its own seeded generator and leaves the training RNG alone)."""

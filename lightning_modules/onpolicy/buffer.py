@@ -31,6 +31,7 @@ class SampleRound:
     pairs: SampledPairs | None  # pairwise objectives: (prompt, chosen, rejected) sample indices
     index: int  # which round of the run (0, 1, ...): seeds the sampling
     uses: int = 0  # training steps taken on it so far
+    baseline: float | None = None  # REINFORCE's running baseline for every step on this round (fixed when sampled)
 
     @property
     def num_samples(self) -> int:
@@ -48,7 +49,7 @@ class SampleRound:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name).cpu() for name in TENSORS}
-        state.update(index=self.index, uses=self.uses, pairs=None if self.pairs is None else {
+        state.update(index=self.index, uses=self.uses, baseline=self.baseline, pairs=None if self.pairs is None else {
             "prompt": self.pairs.prompt.cpu(), "chosen": self.pairs.chosen.cpu(),
             "rejected": self.pairs.rejected.cpu(), "considered": self.pairs.considered})
         return state
@@ -56,4 +57,5 @@ class SampleRound:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "SampleRound":
         pairs = None if state["pairs"] is None else SampledPairs(**state["pairs"])
-        return cls(**{name: state[name] for name in TENSORS}, pairs=pairs, index=state["index"], uses=state["uses"])
+        return cls(**{name: state[name] for name in TENSORS}, pairs=pairs, index=state["index"], uses=state["uses"],
+                   baseline=state.get("baseline"))

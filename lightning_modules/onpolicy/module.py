@@ -17,7 +17,10 @@ of the step's pair batch, samples n responses to each from the current policy (`
 with `reward`, computes their reference log-probs once, and (pairwise objectives) builds pairs from
 the rewards: best vs worst or all pairs, skipping gaps of `min_reward_gap` or less. Every step trains
 on the round; after `iterations_per_batch` steps the next step samples a new round, so the prompts of
-the batches in between are not sampled from (sample reuse spends fewer prompts per step).
+the batches in between are not sampled from (sample reuse spends fewer prompts per step). Steps are
+micro-batches: under gradient accumulation, `iterations_per_batch` counts `training_step` calls.
+A running REINFORCE baseline is stepped once per round, when it is sampled, so reuse does not fold a
+round into the EMA twice.
 `mixing_ratio` m blends in the batch's own offline pairs: loss = (1 − m)·on-policy + m·offline.
 
 Logged per round: `train/samples/reward_mean`, `reward_median`, `response_length` (tokens), the
@@ -68,6 +71,9 @@ class OnPolicyModule(DPOModule):
             pairs: pairwise objectives: best_worst (one pair per prompt) or all (every pair of the n samples).
             min_reward_gap: keep a pair only when its reward gap exceeds this.
             iterations_per_batch: training steps on each sampling round (sample reuse); 1 = fresh samples every step.
+                A step is one `training_step` call, i.e. one micro-batch: with trainer.accumulate_grad_batches=a and
+                reuse 1, an optimizer step averages a fresh rounds; reuse r·a spends one round on r optimizer steps
+                (each seeing the round a times).
             mixing_ratio: weight m of the batch's offline pairs: loss = (1 − m)·on-policy + m·offline.
             baseline_decay: decay of the running-mean baseline (Reinforce with baseline=running).
             log_samples_every: write a few sampled texts to TensorBoard every this many rounds (0 = never).
@@ -174,6 +180,8 @@ class OnPolicyModule(DPOModule):
             self.round, metrics = self.sample_round(batch, index=index,
                                                     seed=round_seed(self.sampling.seed, self.global_rank, index))
             self.rounds_sampled += 1
+            if self.sampled_objective and self.objective.uses_running_baseline:  # once per round, not per reuse
+                self.round.baseline = self.baseline.step(self._global_mean(self.round.rewards))
         self.round.uses += 1
         return self.round, metrics
 
@@ -191,11 +199,8 @@ class OnPolicyModule(DPOModule):
         ref = round_.ref_logps.flatten()[rows]
         metrics = {"kl": (logps.detach() - ref).mean()}
         if self.sampled_objective:
-            running = None
-            if self.objective.uses_running_baseline:
-                running = self.baseline.step(self._global_mean(round_.rewards))
             out = self.objective(logps.view(-1, n), round_.rewards, round_.ref_logps.float(), beta=self.beta,
-                                 running_baseline=running)
+                                 running_baseline=round_.baseline)
             return out.losses.mean(), metrics
         if len(round_.pairs.prompt) == 0:  # no pair cleared the gap: a zero loss that still reaches every weight
             return logps.sum() * 0.0, {**metrics, "pairs": torch.tensor(0.0)}

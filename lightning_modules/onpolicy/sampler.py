@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.collate import pad
+from datamodules.utils.errors import UserInputError
 from datamodules.tokenize import IGNORE_INDEX
 
 
@@ -42,7 +43,7 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.num_samples < 2 or self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 \
                 or not 0 < self.top_p <= 1:
-            raise ValueError(f"model.sampling={self}: needs num_samples >= 2, max_new_tokens >= 1, temperature > 0, "
+            raise UserInputError(f"model.init_args.sampling={self}: needs num_samples >= 2, max_new_tokens >= 1, temperature > 0, "
                              "top_k >= 0 and 0 < top_p <= 1")
 
 
