@@ -27,6 +27,7 @@ from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.collate import PairCollator
+from datamodules.label_noise import FLAG, add_label_noise
 from datamodules.loading import cache_dir_for, fingerprint, load_splits
 from datamodules.multiref_split import StudySplit, prepare_study_split
 from datamodules.reference_cache import ReferenceSpec, load_reference_cache, pair_key
@@ -43,7 +44,7 @@ class PreferenceDataModule(TextDataModule):
 
     def __init__(self, *args: Any, reference_columns: tuple[str, str] | None = None,
                  study_split: StudySplit | None = None, reference_cache: list[ReferenceSpec] | None = None,
-                 return_prompts: bool = False, **kwargs: Any):
+                 return_prompts: bool = False, label_noise: float = 0.0, label_noise_seed: int = 0, **kwargs: Any):
         """Preference data.
 
         Args:
@@ -51,8 +52,14 @@ class PreferenceDataModule(TextDataModule):
             study_split: carve train/val/test out of train_split as in the multi-reference study (SPEC section 4).
             reference_cache: references whose cached log-probs are attached to each pair as (K,) columns.
             return_prompts: also pass each pair's raw prompt to the batch as `prompt` (on-policy training scores to it).
+            label_noise: swap chosen and rejected in this share of the training pairs (`datamodules.label_noise`);
+                > 0 also passes `label_flipped` (1.0 / 0.0, counting the source's own flips) to the training batches.
+            label_noise_seed: which pairs `label_noise` flips.
         """
         super().__init__(*args, **kwargs)
+        if not 0.0 <= label_noise <= 1.0:
+            raise UserInputError(f"data.label_noise={label_noise}: the share of flipped training pairs, in [0, 1]")
+        self.label_noise, self.label_noise_seed = label_noise, label_noise_seed
         specs = [s if isinstance(s, ReferenceSpec) else ReferenceSpec(**s) for s in reference_cache or ()]
         if specs and reference_columns is not None:
             raise UserInputError("data.reference_columns and data.reference_cache both fill ref_chosen_logps / "
@@ -75,6 +82,8 @@ class PreferenceDataModule(TextDataModule):
 
     def normalize(self, row: dict[str, Any], schema: str) -> dict[str, Any] | str:
         example = normalize_pair(row, schema)
+        if isinstance(example, dict) and isinstance(row.get(FLAG), (bool, int, float)):
+            example[FLAG] = float(row[FLAG])
         if isinstance(example, dict) and self.reference_columns is not None:
             values = [row.get(column) for column in self.reference_columns]
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -94,6 +103,8 @@ class PreferenceDataModule(TextDataModule):
         item: dict[str, Any] = {"truncated": truncated, **pair_columns(encoded)}
         if self.return_prompts:
             item["prompt"] = example["prompt"]
+        if FLAG in example and self.label_noise > 0:  # the source's own flips (the synthetic task's), toggled below
+            item[FLAG] = example[FLAG]
         if self.reference_cache:  # cached values replace any shipped ones (RefDPO's) in `prepare`
             item["pair_key"] = pair_key(example)
             return item
@@ -106,6 +117,8 @@ class PreferenceDataModule(TextDataModule):
         items, stats = super().prepare(rows, schema, role)
         if self.reference_cache:
             self.attach_reference_cache(items, self.cache_fingerprint(rows, schema), role)
+        if role == "train" and self.label_noise > 0:  # after the cache: its columns are swapped with the pair
+            items = add_label_noise(items, self.label_noise, self.label_noise_seed)
         return items, stats
 
     # ---- cached reference log-probs (lightning_modules.references.cache_builder) --------------------------------

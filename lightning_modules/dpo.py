@@ -13,6 +13,8 @@ import copy
 import warnings
 from typing import Any, get_args
 
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from datamodules.utils.errors import UserInputError
@@ -26,10 +28,14 @@ from lightning_modules.models.quantization import Quantization, load_reference_m
 from lightning_modules.references.providers import (AdapterOffReference, CachedReference, LiveReference, NoReference,
                                          PrecomputedReference,
                                          ReferenceMode)
+from lightning_modules.sams.context import pair_contexts
+from lightning_modules.sams.scheduler import SamS
 
 
 # The frozen reference is in eval mode on purpose (no dropout); the policy is put in train mode by
 # `PolicyModule.configure_model`, so Lightning's "modules in eval mode" warning is only noise here.
+SAMS_KEY = "sams"  # under checkpoint["prefopt"]: the sample scheduler's whole state
+
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
@@ -51,6 +57,7 @@ class DPOModule(PolicyModule):
         reference: ReferenceMode = "live",
         reference_name_or_path: str | None = None,
         reference_quantization: Quantization = "none",
+        sample_scheduler: SamS | None = None,
         **kwargs: Any,
     ):
         """DPO on pair batches from `datamodules.PreferenceDataModule`.
@@ -65,6 +72,7 @@ class DPOModule(PolicyModule):
             reference: live (frozen model), precomputed (batch columns), cached (data.reference_cache), none (Δref=0).
             reference_name_or_path: live reference model (policy's dtype); default: frozen copy of the initial policy.
             reference_quantization: load the live reference in 8bit or 4bit (nf4) through bitsandbytes, or none.
+            sample_scheduler: train on the pairs a learned scheduler selects from each batch (lightning_modules.sams.SamS).
             **kwargs: optimizer, lr_scheduler, dtype, gradient_checkpointing, generation (see `PolicyModule`).
         """
         super().__init__(model_name_or_path, **kwargs)
@@ -89,6 +97,8 @@ class DPOModule(PolicyModule):
         self.reference_name_or_path = reference_name_or_path
         self.reference_quantization = reference_quantization
         self.reference = None
+        # Not a registered submodule (see lightning_modules/sams/scheduler.py): DDP and ZeRO-3 leave it alone.
+        object.__setattr__(self, "sample_scheduler", sample_scheduler)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -146,20 +156,40 @@ class DPOModule(PolicyModule):
                                  "data.init_args.reference_cache and α from model.init_args.weighting")
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = concatenated_forward(self.policy, batch, average=self.average_logps)
+        selecting = self.sample_scheduler is not None and stage == "train"
+        policy = concatenated_forward(self.policy, batch, average=self.average_logps, output_hidden_states=selecting)
         ref_chosen, ref_rejected = self.reference(batch)
         out, extra = self.preference_losses(policy, ref_chosen, ref_rejected, batch, stage)
-        loss = self.dpo_weight * out.losses.mean()
-        metrics = {**preference_metrics(out, policy.chosen_logps, policy.rejected_logps), **extra}
+        weights, selection_metrics = self.pair_weights(policy, batch, out) if selecting else (None, {})
+        loss = self.dpo_weight * weighted_mean(out.losses, weights)
+        metrics = {**preference_metrics(out, policy.chosen_logps, policy.rejected_logps), **extra, **selection_metrics}
         metrics["preference_accuracy"] = preference_accuracy(policy, averaged=self.average_logps).mean()
         if self.dpo_weight != 1.0 or self.sft_weight > 0:
             metrics["pref_loss"] = out.losses.detach().mean()
         if self.sft_weight > 0:
             # per-token NLL of the chosen response (already per token when average_logps)
             chosen_nll = nll_loss(policy.chosen_logps, policy.chosen_counts, average=not self.average_logps)
-            loss = loss + self.sft_weight * chosen_nll.mean()
+            loss = loss + self.sft_weight * weighted_mean(chosen_nll, weights)
             metrics["sft_nll"] = chosen_nll.mean().detach()
         return loss, metrics
+
+    def pair_weights(self, policy: PairLogps, batch: dict[str, Tensor],
+                     out: PreferenceLossOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B,) loss weights from the sample scheduler: world size / k on the selected pairs, 0 elsewhere."""
+        masks = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        selected = self.sample_scheduler.step(pair_contexts(policy.hidden_states, masks), out.losses,
+                                              out.chosen_rewards - out.rejected_rewards, policy.chosen_logps,
+                                              flipped=batch.get("label_flipped"))
+        self.last_selected_mask = selected.mask  # (B,) bool, this rank's selected pairs (for callbacks and tests)
+        self.log_score_histogram(selected.scores)
+        return selected.mask.to(out.losses.dtype) * selected.weight, selected.metrics
+
+    @rank_zero_only
+    def log_score_histogram(self, scores: Tensor) -> None:
+        """The scheduler's scores u of the global batch, as a TensorBoard histogram every log_every_n_steps."""
+        experiment = getattr(self.logger, "experiment", None) if self._trainer is not None and self.logger else None
+        if hasattr(experiment, "add_histogram") and self.global_step % self.trainer.log_every_n_steps == 0:
+            experiment.add_histogram("train/sams/scores", scores.detach().float().cpu(), self.global_step)
 
     def preference_losses(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor],
                           stage: str) -> tuple[PreferenceLossOutput, dict[str, Tensor]]:
@@ -172,6 +202,14 @@ class DPOModule(PolicyModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        if self.sample_scheduler is not None:
+            checkpoint["prefopt"][SAMS_KEY] = self.sample_scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("prefopt", {}).get(SAMS_KEY)
+        if self.sample_scheduler is not None and state is not None:
+            self.sample_scheduler.load_state_dict(state)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.reference is not None:
@@ -179,3 +217,8 @@ class DPOModule(PolicyModule):
             for key, value in self.reference.state_dict(prefix="reference.").items():
                 state_dict.setdefault(key, value)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """values.mean() without weights; Σ weights·values with them (the scheduler's weights: the selected pairs' mean)."""
+    return values.mean() if weights is None else (values * weights).sum()

@@ -371,3 +371,32 @@ def test_max_bad_fraction_stops_with_counts(tmp_path: Path, assets: Path) -> Non
     dm = pref_dm(path, assets, val_split=None, max_bad_fraction=0.2)  # 20% is allowed: skipped and counted
     dm.setup("fit")
     assert dm.stats["train"].as_dict()["dropped"] == {"identical_responses": 2} and len(dm.data["train"]) == 8
+
+
+def test_label_noise_flips_a_seeded_share_of_training_pairs_only(assets: Path) -> None:
+    """data.label_noise swaps chosen and rejected (tokens and labels) in about that share of the training pairs, the
+    same pairs whatever the order, and records the net flip in `label_flipped`; validation keeps its labels."""
+    from datamodules.label_noise import add_label_noise
+
+    def load(**kwargs):
+        dm = PreferenceDataModule(str(assets / "data/prefs"), str(assets / "model"), max_length=64, **kwargs)
+        dm.setup("fit")
+        return dm
+
+    clean, noisy = load(), load(label_noise=0.3, label_noise_seed=1)
+    pairs = list(zip(clean.data["train"], noisy.data["train"]))
+    swapped = [b["chosen_input_ids"] == a["rejected_input_ids"] and b["rejected_labels"] == a["chosen_labels"]
+               for a, b in pairs]
+    kept = [b["chosen_input_ids"] == a["chosen_input_ids"] for a, b in pairs]
+    assert all(s != k for s, k in zip(swapped, kept))  # each pair is either swapped whole or untouched
+    assert 0.2 < sum(swapped) / len(pairs) < 0.4
+    # the net flag: the synthetic task's own flips (label_noise 0.1 when the assets were built), toggled when swapped
+    source = [bool(row["label_flipped"]) for row in read_jsonl(assets / "data/prefs/train.jsonl")]
+    assert len(source) == len(pairs) and "label_flipped" not in clean.data["train"][0]  # only with label_noise > 0
+    assert [b["label_flipped"] for _, b in pairs] == [float(f != s) for f, s in zip(source, swapped)]
+    assert [x["chosen_input_ids"] for x in noisy.data["val"]] == [x["chosen_input_ids"] for x in clean.data["val"]]
+    reversed_items = add_label_noise(list(reversed(clean.data["train"])), 0.3, 1)
+    sides = lambda items: [(x["chosen_input_ids"], x["rejected_input_ids"]) for x in items]  # noqa: E731
+    assert sides(reversed(reversed_items)) == sides(noisy.data["train"])  # order-free: the same pairs flip
+    with pytest.raises(UserInputError, match="data.label_noise=1.5"):
+        PreferenceDataModule(str(assets / "data/prefs"), str(assets / "model"), label_noise=1.5)
