@@ -46,6 +46,8 @@ class DPOModule(PolicyModule):
     weighting strategy.
     """
 
+    selects_batch_pairs = True  # with a sample scheduler, select among the batch's pairs (on-policy: the sampled ones)
+
     def __init__(
         self,
         model_name_or_path: str,
@@ -156,7 +158,7 @@ class DPOModule(PolicyModule):
                                  "data.init_args.reference_cache and α from model.init_args.weighting")
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
-        selecting = self.sample_scheduler is not None and stage == "train"
+        selecting = self.sample_scheduler is not None and stage == "train" and self.selects_batch_pairs
         policy = concatenated_forward(self.policy, batch, average=self.average_logps, output_hidden_states=selecting)
         ref_chosen, ref_rejected = self.reference(batch)
         out, extra = self.preference_losses(policy, ref_chosen, ref_rejected, batch, stage)
@@ -177,10 +179,15 @@ class DPOModule(PolicyModule):
                      out: PreferenceLossOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """(B,) loss weights from the sample scheduler: world size / k on the selected pairs, 0 elsewhere."""
         masks = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        selected = self.sample_scheduler.step(pair_contexts(policy.hidden_states, masks), out.losses,
-                                              out.chosen_rewards - out.rejected_rewards, policy.chosen_logps,
-                                              flipped=batch.get("label_flipped"))
-        self.last_selected_mask = selected.mask  # (B,) bool, this rank's selected pairs (for callbacks and tests)
+        return self.select_pairs(pair_contexts(policy.hidden_states, masks), out, policy.chosen_logps,
+                                 batch.get("label_flipped"))
+
+    def select_pairs(self, contexts: Tensor, out: PreferenceLossOutput, chosen_logps: Tensor,
+                     flipped: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scheduler's step on (B, L, D) pair contexts and the objective's output; the (B,) loss weights."""
+        selected = self.sample_scheduler.step(contexts, out.losses, out.chosen_rewards - out.rejected_rewards,
+                                              chosen_logps, flipped=flipped)
+        self.last_selection = selected  # this step's `Selected` (masks, scores), for callbacks and tests
         self.log_score_histogram(selected.scores)
         return selected.mask.to(out.losses.dtype) * selected.weight, selected.metrics
 

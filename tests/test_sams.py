@@ -140,7 +140,7 @@ def test_exactly_k_pairs_selected_and_only_they_get_gradient(assets: Path, batch
     module = DPOModule(str(assets / "model"), sample_scheduler=SamS(ratio=ratio, selection=selection))
     module.configure_model()
     loss, metrics = module.model_step(batch, "train")
-    mask = module.last_selected_mask
+    mask = module.last_selection.mask
     k = math.ceil(ratio * 6)
     assert int(mask.sum()) == k and metrics["sams/selected_fraction"] == pytest.approx(k / 6)
     loss.backward()
@@ -168,7 +168,7 @@ def test_unselected_pairs_get_no_gradient(assets: Path, batch) -> None:
     out = module.objective(chosen, rejected, ref_chosen, ref_rejected, beta=module.beta)
     weights, _ = module.pair_weights(policy, batch, out)
     (out.losses * weights).sum().backward()
-    mask = module.last_selected_mask
+    mask = module.last_selection.mask
     assert torch.all(chosen.grad[~mask] == 0) and torch.all(chosen.grad[mask] != 0)
     torch.testing.assert_close(weights[mask], torch.full((3,), 1 / 3))
 
@@ -253,3 +253,109 @@ def test_multi_reference_module_holds_a_scheduler(assets: Path, tmp_path: Path) 
                                       sample_scheduler=SamS(ratio=0.5)), multiref_dm(data, assets, specs), steps=3)
     assert [m["train/sams/selected_fraction"] for m in logged] == [0.5] * 3
     assert "train/sams/f1_loss" in logged[-1] and all(math.isfinite(m["loss"]) for m in logged)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_select_identically_and_match_one_process(assets: Path, tmp_path: Path) -> None:
+    """2 DDP ranks × 4 pairs: both ranks hold the same selection of the global 8 pairs (each training its own slice),
+    with the same scores (the scheduler trains identically on the gathered batch), and the run equals one process
+    with batches of 8; under DeepSpeed ZeRO-3 (hidden states of a partitioned policy) it equals DDP."""
+    from deepspeed_cpu import fit_two_ranks, zero_strategy
+    from safetensors.torch import load_file
+    from test_configs import REPO, write_localized
+
+    config = write_localized(REPO / "configs/quickstart/dpo.yaml", assets, tmp_path)
+    scheduler = json.dumps({"class_path": "lightning_modules.sams.SamS", "init_args": {"ratio": 0.5, "lr": 1e-2}})
+    exports, probes = {}, {}
+    for name, strategy, devices, batch_size in (("one", "auto", 1, 8), ("ddp", "ddp", 2, 4),
+                                                ("zero3", zero_strategy(3), 2, 4)):
+        probes[name] = tmp_path / f"probe_{name}"
+        exports[name] = tmp_path / f"export_{name}"
+        probe = {"class_path": "sams_probe.SelectionProbe", "init_args": {"dirpath": str(probes[name])}}
+        run = fit_two_ranks(config, tmp_path, strategy, export=exports[name], callbacks=[probe], devices=devices,
+                            extra=[f"--model.init_args.sample_scheduler={scheduler}", "--trainer.max_steps=3",
+                                   f"--data.init_args.batch_size={batch_size}"])
+        assert run.returncode == 0, f"{name}: {run.tail()}"
+    rank0, rank1 = ([json.loads(line) for line in (probes["ddp"] / f"rank{r}.jsonl").read_text().splitlines()]
+                    for r in (0, 1))
+    one = [json.loads(line) for line in (probes["one"] / "rank0.jsonl").read_text().splitlines()]
+    assert len(rank0) == len(rank1) == len(one) == 3
+    for a, b, single in zip(rank0, rank1, one):
+        assert a["global_mask"] == b["global_mask"] and sum(a["global_mask"]) == 4
+        assert a["mask"] + b["mask"] == a["global_mask"]  # rank order: rank 0's rows, then rank 1's
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), atol=0, rtol=0)
+        # the same 4 pairs as one process with the whole batch (rows in another order)
+        unpad = lambda row: tuple(row[:max(i for i, t in enumerate(row) if t != 0) + 1])  # noqa: E731 (pad id 0)
+        chosen = lambda rows, mask: sorted(unpad(r) for r, m in zip(rows, mask) if m)  # noqa: E731
+        assert chosen(a["chosen_input_ids"] + b["chosen_input_ids"], a["global_mask"]) == \
+            chosen(single["chosen_input_ids"], single["global_mask"])
+    weights = {name: load_file(exports[name] / "model.safetensors") for name in exports}
+    initial = load_file(assets / "model/model.safetensors")
+    assert max((weights["one"][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    for name in ("ddp", "zero3"):
+        for key, value in weights["one"].items():
+            torch.testing.assert_close(weights[name][key], value, atol=2e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def test_pretraining_trains_only_the_scheduler_and_dpo_loads_it_by_path(assets: Path, tmp_path: Path) -> None:
+    from lightning_modules.sams.pretrain import SamSPretrainModule
+
+    module = SamSPretrainModule(str(assets / "model"), sample_scheduler=SamS(ratio=0.5, lr=1e-2),
+                                save_path=str(tmp_path / "sams.pt"))
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    before = {k: v.clone() for k, v in DPOModule(str(assets / "model")).state_dict().items() if k.startswith("policy")}
+    trainer.fit(module, datamodule=make_dm(assets))
+    after = module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the policy is frozen
+    assert module.sample_scheduler.steps == 5 and module.sample_scheduler.pool.num_pairs == 4 * 2  # 4 labelled batches
+    saved = torch.load(tmp_path / "sams.pt", weights_only=True)
+    trained = module.sample_scheduler.networks.state_dict()
+    loaded = SamS(pretrained=str(tmp_path / "sams.pt"))
+    loaded.build(saved["num_layers"], saved["hidden_size"], torch.device("cpu"))
+    assert all(torch.equal(loaded.networks.state_dict()[k], v) for k, v in trained.items())
+    initial = SamS()
+    initial.build(saved["num_layers"], saved["hidden_size"], torch.device("cpu"))
+    assert any(not torch.equal(initial.networks.state_dict()[k], v) for k, v in trained.items())  # it learned
+    with pytest.raises(UserInputError, match="pretrained=.*was trained for"):
+        SamS(pretrained=str(tmp_path / "sams.pt"), connector_size=32).build(saved["num_layers"], saved["hidden_size"],
+                                                                             torch.device("cpu"))
+
+
+def test_on_policy_dpo_holds_a_scheduler_over_its_sampled_pairs(assets: Path) -> None:
+    """On-policy DPO with all pairs of 3 samples per prompt: the scheduler selects half of the round's pairs; the
+    offline mix-in is not selected from (one scheduler step per training step)."""
+    from lightning_modules.objectives import FilteredBC
+    from lightning_modules.onpolicy import OnPolicyModule, Sampling
+    from lightning_modules.rewards import MinLength
+
+    module = OnPolicyModule(str(assets / "model"), reward=MinLength(max_length=8), pairs="all", mixing_ratio=0.5,
+                            sampling=Sampling(num_samples=3, max_new_tokens=8), optimizer=ADAMW,
+                            sample_scheduler=SamS(ratio=0.5))
+    logged = fit(module, make_dm(assets, return_prompts=True), steps=3)
+    assert module.sample_scheduler.steps == 3
+    for metrics in logged:
+        k = math.ceil(metrics["train/pairs"] / 2)
+        assert metrics["train/sams/selected_fraction"] == pytest.approx(k / metrics["train/pairs"])
+    with pytest.raises(UserInputError, match="sample_scheduler with model.objective=FilteredBC"):
+        OnPolicyModule(str(assets / "model"), reward=MinLength(max_length=8), objective=FilteredBC(),
+                       sample_scheduler=SamS())
+
+
+def test_selection_metrics_and_score_histogram_reach_tensorboard(assets: Path, tmp_path: Path) -> None:
+    """With label noise the flipped shares are logged (selected vs the whole batch); the scores u are a histogram."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    logged = fit(DPOModule(str(assets / "model"), optimizer=ADAMW, sample_scheduler=SamS(ratio=0.5)),
+                 make_dm(assets, label_noise=0.5), steps=3, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Histograms("train/sams/scores")] == [0, 1, 2]
+    scalars = set(events.Tags()["scalars"])
+    for name in ("selected_fraction", "f1_selected", "f1_unselected", "f2_selected", "f1_loss", "f2_loss",
+                 "batch_reward", "sample_reward", "flipped_selected", "flipped_all"):
+        assert f"train/sams/{name}" in scalars, name
+    assert 0 < logged[-1]["train/sams/flipped_all"] < 1

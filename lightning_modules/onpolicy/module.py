@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from datamodules.utils.errors import UserInputError
-from lightning_modules.dpo import DPOModule
+from lightning_modules.dpo import DPOModule, weighted_mean
 from lightning_modules.logprobs import sequence_forward
 from lightning_modules.models.zero import is_partitioned
 from lightning_modules.objectives import Objective, SampledObjective, Sigmoid
@@ -49,6 +49,7 @@ from lightning_modules.onpolicy.buffer import SampleRound
 from lightning_modules.onpolicy.pairs import PairMode, RunningBaseline, build_pairs
 from lightning_modules.onpolicy.sampler import Sampling, prompt_ids_of, round_seed, sample_responses
 from lightning_modules.rewards import RewardFunction
+from lightning_modules.sams.context import pooled_layers
 
 CHECKPOINT_KEY = "onpolicy"  # under checkpoint["prefopt"]
 EVAL_SEED_OFFSET = 10**9  # validation / test rounds draw from seeds no training round uses
@@ -56,6 +57,8 @@ EVAL_SEED_OFFSET = 10**9  # validation / test rounds draw from seeds no training
 
 class OnPolicyModule(DPOModule):
     """Pairwise or sampled objectives on responses sampled from the current policy and scored by `reward`."""
+
+    selects_batch_pairs = False  # a sample scheduler selects among the sampled pairs, not the offline mix-in
 
     def __init__(self, model_name_or_path: str, objective: Objective = Sigmoid(), reward: RewardFunction | None = None,
                  sampling: Sampling = Sampling(), pairs: PairMode = "best_worst", min_reward_gap: float = 0.0,
@@ -91,6 +94,10 @@ class OnPolicyModule(DPOModule):
                                  f"{mixing_ratio} (in [0, 1]), model.min_reward_gap={min_reward_gap} (>= 0) and "
                                  f"model.log_samples_every={log_samples_every} (>= 0): one is out of range")
         super().__init__(model_name_or_path, objective=objective, reference=reference, **kwargs)
+        if self.sample_scheduler is not None and isinstance(objective, SampledObjective):
+            raise UserInputError(f"model.sample_scheduler with model.objective={objective!r}: SamS selects among "
+                                 "pairs; on-policy it holds with a pairwise objective (Sigmoid, IPO, ...) on the "
+                                 "sampled pairs")
         self.reward = reward
         self.sampling = sampling
         self.pair_mode = pairs
@@ -195,24 +202,33 @@ class OnPolicyModule(DPOModule):
             pairs = round_.pairs
             flat = torch.cat([pairs.prompt * n + pairs.chosen, pairs.prompt * n + pairs.rejected])
             rows = flat.unique() if len(flat) else torch.zeros(1, dtype=torch.long, device=flat.device)
-        logps = sequence_forward(self.policy, round_.rows(rows), average=self.average_logps)[0]  # (R,)
+        selecting = self.sample_scheduler is not None  # SamS selects among the round's pairs (pairwise objectives)
+        inputs = round_.rows(rows)
+        logps, _, hidden = sequence_forward(self.policy, inputs, average=self.average_logps,
+                                            output_hidden_states=selecting)  # (R,)
         ref = round_.ref_logps.flatten()[rows]
         metrics = {"kl": (logps.detach() - ref).mean()}
         if self.sampled_objective:
             out = self.objective(logps.view(-1, n), round_.rewards, round_.ref_logps.float(), beta=self.beta,
                                  running_baseline=round_.baseline)
             return out.losses.mean(), metrics
-        if len(round_.pairs.prompt) == 0:  # no pair cleared the gap: a zero loss that still reaches every weight
-            return logps.sum() * 0.0, {**metrics, "pairs": torch.tensor(0.0)}
         position = torch.full((round_.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
         position[rows] = torch.arange(len(rows), device=rows.device)
         chosen = position[round_.pairs.prompt * n + round_.pairs.chosen]
         rejected = position[round_.pairs.prompt * n + round_.pairs.rejected]
         out = self.objective(logps[chosen], logps[rejected], ref[chosen], ref[rejected], beta=self.beta)
+        weights = None
+        if selecting:  # every rank steps the scheduler, even one with no pair (its collectives must match)
+            pooled = pooled_layers(hidden, inputs["attention_mask"])  # (R, L, D)
+            weights, selection_metrics = self.select_pairs((pooled[chosen] + pooled[rejected]) / 2, out,
+                                                           logps[chosen].detach())
+            metrics.update(selection_metrics)
+        if len(chosen) == 0:  # no pair cleared the gap: a zero loss that still reaches every weight
+            return logps.sum() * 0.0, {**metrics, "pairs": torch.tensor(0.0)}
         margins = (out.chosen_rewards - out.rejected_rewards).detach()
         metrics.update({"pairs": torch.tensor(float(len(chosen))), "rewards/margins": margins.mean(),
                         "rewards/accuracies": (margins > 0).float().mean()})
-        return out.losses.mean(), metrics
+        return weighted_mean(out.losses, weights), metrics
 
     def offline_loss(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on the batch's own (offline) pairs; a sampled objective sees each pair as 2 samples, rewards 1 / 0."""

@@ -239,6 +239,10 @@ class SamS:
         losses, _ = gather_rows(losses.detach().float())
         margins, _ = gather_rows(margins.detach().float())
         chosen_logps, _ = gather_rows(chosen_logps.detach().float())
+        rank, size = world()
+        if contexts.shape[0] == 0:  # no candidate on any rank (on-policy: no pair cleared the reward gap): skip
+            empty = torch.zeros(0, dtype=torch.bool, device=contexts.device)
+            return Selected(mask=empty, global_mask=empty, weight=0.0, scores=contexts.new_zeros(0), metrics={})
         self.build(contexts.shape[1], contexts.shape[2], contexts.device)
         batch_loss = float(losses.mean())
         metrics = self.learn(batch_loss) if self.record is not None else {}
@@ -250,7 +254,6 @@ class SamS:
                        "loss": batch_loss}
         self.steps += 1
         metrics.update(self.selection_metrics(mask, f1, f2, flipped))
-        rank, size = world()
         offset = sum(counts[:rank])
         return Selected(mask=mask[offset:offset + counts[rank]], global_mask=mask, weight=size / k, scores=scores, metrics=metrics)
 
