@@ -22,10 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.tokenize import IGNORE_INDEX
+from lightning_modules.token_logps import DEFAULT_CHUNK, label_logps
 
 
 def sequence_logps(
-    logits: Tensor, labels: Tensor, *, average: bool = False, ignore_index: int = IGNORE_INDEX
+    logits: Tensor, labels: Tensor, *, average: bool = False, ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor]:
     """Sum (or mean) of the log-probabilities of the labelled tokens of each sequence.
 
@@ -34,6 +36,7 @@ def sequence_logps(
         labels: (B, T) token ids, `ignore_index` where no loss is taken (prompt, padding).
         average: divide each sum by its number of labelled tokens (length-normalized log-prob).
         ignore_index: label value that marks masked positions.
+        chunk_size: sequence positions upcast to float32 at once (`token_logps.label_logps`).
 
     Returns:
         logps: (B,) float32 summed (or averaged) log-probs of the response tokens.
@@ -41,13 +44,11 @@ def sequence_logps(
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
-    logits = logits[:, :-1, :].float()  # (B, T-1, V): predicts tokens 1..T-1
-    labels = labels[:, 1:]  # (B, T-1)
-    mask = labels != ignore_index
-    safe_labels = labels.masked_fill(~mask, 0)
-    # log_softmax(x)[y] = x[y] - logsumexp(x): avoids materialising a second (B, T, V) tensor.
-    picked = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    # position t predicts token t+1: targets[:, t] = labels[:, t+1], nothing for the last position
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)  # (B, T)
+    mask = targets != ignore_index
+    # logits[y] − logsumexp(logits), a chunk of positions at a time, no float32 (B, T, V) copy (token_logps.py)
+    token_logps = label_logps(logits, targets.masked_fill(~mask, 0), chunk_size=chunk_size) * mask
     counts = mask.sum(-1)
     logps = token_logps.sum(-1)
     if average:

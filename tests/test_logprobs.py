@@ -188,3 +188,59 @@ def test_hidden_states_come_from_the_same_forward(model, pair_batch) -> None:
     # Row B is the first rejected sequence: its input embeddings are those of its token ids.
     emb = model.get_input_embeddings()(pair_batch["rejected_input_ids"][:1])
     torch.testing.assert_close(out.hidden_states[0][B : B + 1], emb)
+
+
+# --------------------------------------------------------------------- the lean path (token_logps.py)
+
+
+def naive_label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The naive path: a full float32 log-softmax, then the gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 0])
+def test_lean_label_logps_equal_the_naive_ones_values_and_gradients(chunk_size: int) -> None:
+    """Chunked forward, recomputed backward: the same values and logits-gradients as log_softmax + gather,
+    for chunks that divide T, do not divide it, and the whole sequence at once."""
+    from lightning_modules.token_logps import label_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient
+    lean = label_logps(logits, targets, chunk_size=chunk_size)
+    (lean.double() * weights).sum().backward()
+    lean_grad, logits.grad = logits.grad.clone(), None
+    naive = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (naive * weights).sum().backward()
+    torch.testing.assert_close(lean.double(), naive.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lean_grad, logits.grad, atol=1e-6, rtol=0)
+
+
+def test_lean_path_keeps_the_logits_dtype_for_the_gradient() -> None:
+    """bfloat16 logits: float32 log-probs equal to the naive upcast ones, a bfloat16 gradient close to the naive one."""
+    from lightning_modules.token_logps import label_logps
+
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 5, 32, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 32, (2, 5), generator=g)
+    lean = label_logps(logits, targets, chunk_size=2)
+    assert lean.dtype == torch.float32
+    lean.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    lean_grad, logits.grad = logits.grad.float(), None
+    naive = naive_label_logps(logits, targets)
+    naive.sum().backward()
+    torch.testing.assert_close(lean, naive.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lean_grad, logits.grad.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_sequence_logps_chunking_does_not_change_the_result() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 10, 17, generator=g)
+    labels = torch.randint(0, 17, (4, 10), generator=g)
+    labels[:, :3] = IGNORE_INDEX
+    whole, counts = sequence_logps(logits, labels, chunk_size=0)
+    for chunk in (1, 4):
+        torch.testing.assert_close(sequence_logps(logits, labels, chunk_size=chunk)[0], whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(whole, naive_logps(logits, labels)[0], atol=1e-5, rtol=1e-5)
