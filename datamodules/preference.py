@@ -52,8 +52,7 @@ class PreferenceDataModule(TextDataModule):
             study_split: carve train/val/test out of train_split as in the multi-reference study (SPEC section 4).
             reference_cache: references whose cached log-probs are attached to each pair as (K,) columns.
             return_prompts: also pass each pair's raw prompt to the batch as `prompt` (on-policy training scores to it).
-            label_noise: swap chosen and rejected in this share of the training pairs (`datamodules.label_noise`);
-                > 0 also passes `label_flipped` (1.0 / 0.0, counting the source's own flips) to the training batches.
+            label_noise: swap chosen and rejected in this share of the training pairs; > 0 also batches `label_flipped`.
             label_noise_seed: which pairs `label_noise` flips.
         """
         super().__init__(*args, **kwargs)

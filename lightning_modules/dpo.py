@@ -120,7 +120,7 @@ class DPOModule(PolicyModule):
         if self.lora is not None and self.reference_name_or_path is None \
                 and self.reference_quantization in ("none", self.lora.base_quantization):
             # a LoRA policy's reference is its own base model, float or (QLoRA) 4-bit: adapters off, no copy
-            return AdapterOffReference(self.policy, average=self.average_logps)
+            return AdapterOffReference(self.policy, average=self.average_logps, packed=self.packed_sequences)
         return self.live_reference(self.reference_name_or_path, "model.reference_name_or_path")
 
     def live_reference(self, name_or_path: str | None, key: str) -> LiveReference:
@@ -136,13 +136,13 @@ class DPOModule(PolicyModule):
             with outside_zero3(self._hf_deepspeed_config):
                 model = load_reference_model(source, dtype=self.dtype_name, quantization=self.reference_quantization,
                                              device=device)
-            return LiveReference(model, average=self.average_logps,
+            return LiveReference(model, average=self.average_logps, packed=self.packed_sequences,
                                  register=deepspeed_strategy_config(self._trainer) is None)
         if name_or_path is None and not is_partitioned(self.policy):
             model = copy.deepcopy(self.policy)
         else:  # a named reference, or (ZeRO-3: a copy of partitions is empty) the policy's own source again
             model = load_causal_lm(source, dtype=self.dtype_name, key=key if name_or_path else "model.model_name_or_path")
-        return LiveReference(model, average=self.average_logps)
+        return LiveReference(model, average=self.average_logps, packed=self.packed_sequences)
 
     def check_objective(self, objective: Objective) -> None:
         """A UserInputError unless this module can train `objective` (here: pairs, one reference)."""
@@ -159,7 +159,8 @@ class DPOModule(PolicyModule):
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         selecting = self.sample_scheduler is not None and stage == "train" and self.selects_batch_pairs
-        policy = concatenated_forward(self.policy, batch, average=self.average_logps, output_hidden_states=selecting)
+        policy = concatenated_forward(self.policy, batch, average=self.average_logps, output_hidden_states=selecting,
+                                      packed=self.packing)
         ref_chosen, ref_rejected = self.reference(batch)
         out, extra = self.preference_losses(policy, ref_chosen, ref_rejected, batch, stage)
         weights, selection_metrics = self.pair_weights(policy, batch, out) if selecting else (None, {})
@@ -178,8 +179,7 @@ class DPOModule(PolicyModule):
     def pair_weights(self, policy: PairLogps, batch: dict[str, Tensor],
                      out: PreferenceLossOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """(B,) loss weights from the sample scheduler: world size / k on the selected pairs, 0 elsewhere."""
-        masks = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        return self.select_pairs(pair_contexts(policy.hidden_states, masks), out, policy.chosen_logps,
+        return self.select_pairs(pair_contexts(policy.pooled_hidden), out, policy.chosen_logps,
                                  batch.get("label_flipped"))
 
     def select_pairs(self, contexts: Tensor, out: PreferenceLossOutput, chosen_logps: Tensor,

@@ -35,6 +35,7 @@ from lightning_modules.runtime.rng import RNGRestore
 from lightning_modules.runtime.run_dir import mark_latest, run_dir_of
 from lightning_modules.runtime.signals import StopSignals, TrainingInterrupted
 from lightning_modules.optim import LinearWarmupDecay, OptimizerFactory, SchedulerFactory
+from lightning_modules.packing import supports_packing
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -55,6 +56,7 @@ class PolicyModule(L.LightningModule):
         generation: dict[str, Any] | None = None,
         lora: LoraSpec | None = None,
         max_nonfinite_steps: int = 5,
+        packed_sequences: bool = True,
     ):
         """Shared arguments.
 
@@ -67,6 +69,7 @@ class PolicyModule(L.LightningModule):
             generation: options of `predict` generation (max_new_tokens, do_sample, temperature, top_p, batch_size).
             lora: train LoRA adapters (peft) on a frozen base instead of all weights; base_quantization: 4bit is QLoRA.
             max_nonfinite_steps: stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient (0 = never).
+            packed_sequences: run forwards padding-free (lightning_modules.packing) where the attention supports it; false = padded.
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -79,6 +82,7 @@ class PolicyModule(L.LightningModule):
         if max_nonfinite_steps < 0:
             raise UserInputError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
+        self.packed_sequences = packed_sequences
         self._rng_restore = RNGRestore()
         self._stop_signals = StopSignals()
         self._bad_loss = False  # a micro-batch of the current optimizer step had a non-finite loss (on some rank)
@@ -110,6 +114,11 @@ class PolicyModule(L.LightningModule):
         if self.gradient_checkpointing:
             self.policy.activation_checkpointing_enable()
             self.policy.config.use_cache = False
+
+    @property
+    def packing(self) -> bool:
+        """Whether this module's policy forwards run padding-free (`packed_sequences` and a supporting attention)."""
+        return self.packed_sequences and supports_packing(self.policy)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_modules.logprobs import sequence_logps
+from lightning_modules.logprobs import sequence_forward
 from lightning_modules.objectives import NLLReduction, reduce_nll
 from lightning_modules.policy import PolicyModule
 
@@ -25,8 +25,7 @@ class SFTModule(PolicyModule):
         self.reduction = reduction
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logps, counts = sequence_logps(out.logits, batch["labels"])
+        logps, counts, _ = sequence_forward(self.policy, batch, packed=self.packing)
         loss = reduce_nll(logps, counts, self.reduction)
         token_nll = reduce_nll(logps, counts, "token_mean").detach()
         return loss, {"nll_per_token": token_nll, "ppl": token_nll.exp()}

@@ -8,7 +8,9 @@ process's exit status, and any other exception would be the traceback a user see
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import os
 import subprocess
 import sys
@@ -27,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 SFT_YAML = REPO / "configs/quickstart/sft.yaml"
 DPO_YAML = REPO / "configs/quickstart/dpo.yaml"
 
-MODULES = ["lightning_modules.dpo.DPOModule", "lightning_modules.sft.SFTModule"]
+MODULES = ["lightning_modules.dpo.DPOModule", "lightning_modules.sft.SFTModule",
+           "lightning_modules.multiref.MultiReferenceModule", "lightning_modules.onpolicy.OnPolicyModule",
+           "lightning_modules.sams.pretrain.SamSPretrainModule"]
 DATAMODULES = ["datamodules.PreferenceDataModule", "datamodules.SFTDataModule"]
 CALLBACKS = [f"callbacks.{name}" for name in callbacks.__all__
              if inspect.isclass(getattr(callbacks, name)) and issubclass(getattr(callbacks, name), L.Callback)]
@@ -51,6 +55,7 @@ def init_descriptions(cls: type) -> dict[str, str | None]:
     accepts its parent's arguments too, documented in the parent's `__init__` docstring.
     """
     found: dict[str, str | None] = {}
+    fixed: set[str] = set()  # keywords a subclass passes to super().__init__ itself: not the user's (as jsonargparse)
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
@@ -58,11 +63,20 @@ def init_descriptions(cls: type) -> dict[str, str | None]:
         docs = {p.arg_name: p.description for p in docstring_parser.parse(init.__doc__ or "").params}
         params = list(inspect.signature(init).parameters.values())[1:]  # drop self
         for p in params:
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in fixed:
                 found.setdefault(p.name, docs.get(p.name))
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
+        fixed |= super_init_keywords(init) - set(found)
     return found
+
+
+def super_init_keywords(init) -> set[str]:
+    """The keyword names an `__init__` passes explicitly in its `super().__init__(...)` call."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+    return {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__" for kw in node.keywords
+            if kw.arg is not None}
 
 
 def help_entries(text: str, prefix: str) -> dict[str, str]:
@@ -123,7 +137,7 @@ def test_missing_data_exits_2_without_traceback(assets, tmp_path):
 # ---- breadth (in-process) -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("class_path", MODULES + DATAMODULES + CALLBACKS)
+@pytest.mark.parametrize("class_path", MODULES + DATAMODULES + CALLBACKS + ["lightning_modules.sams.SamS"])
 def test_every_init_argument_is_documented(class_path):
     descriptions = init_descriptions(import_class(class_path))
     assert descriptions
@@ -136,7 +150,8 @@ def test_init_descriptions_follows_kwargs():
 
     inherited = init_descriptions(PreferenceDataModule)
     own = set(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
-    assert set(inherited) == own | {"reference_columns", "study_split", "reference_cache", "return_prompts"}
+    assert set(inherited) == own | {"reference_columns", "study_split", "reference_cache", "return_prompts",
+                                    "label_noise", "label_noise_seed"}
     assert inherited["max_length"] == init_descriptions(TextDataModule)["max_length"]
 
 
@@ -146,6 +161,8 @@ def test_class_help_describes_every_argument(group, class_path, cli_env, capsys)
     assert status == 0
     entries = help_entries(out, group)
     for name, description in init_descriptions(import_class(class_path)).items():
+        if name not in entries and any(key.startswith(f"{name}.") for key in entries):
+            continue  # a dataclass argument (e.g. OnPolicyModule's sampling): the help lists its fields
         assert name in entries, f"{class_path}: --{group}.{name} missing from the help"
         assert one_line(description) in entries[name], f"{class_path}: --{group}.{name} help lacks its description"
 

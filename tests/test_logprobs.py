@@ -149,7 +149,7 @@ def test_concatenated_forward_equals_separate_forwards(model, pair_batch, averag
         want_logps, want_counts = half_logps(model, pair_batch, side, average)
         torch.testing.assert_close(getattr(out, f"{side}_logps"), want_logps, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(getattr(out, f"{side}_counts"), want_counts)
-    assert out.hidden_states is None
+    assert out.pooled_hidden is None
     assert not torch.allclose(out.chosen_logps, out.rejected_logps)  # the halves are not mixed up
 
 
@@ -179,15 +179,16 @@ def test_extra_right_padding_does_not_change_logps(model, pair_batch) -> None:
         torch.testing.assert_close(getattr(more, field), getattr(base, field), rtol=1e-5, atol=1e-5)
 
 
-def test_hidden_states_come_from_the_same_forward(model, pair_batch) -> None:
+def test_pooled_hidden_states_come_from_the_same_forward(model, pair_batch) -> None:
+    """Each row's every-layer hidden states averaged over its real tokens, as a separate unpadded forward gives."""
     with torch.no_grad():
         out = concatenated_forward(model, pair_batch, output_hidden_states=True)
-    B, T = pair_batch["chosen_input_ids"].shape
-    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
-    assert all(h.shape == (2 * B, T, model.config.hidden_size) for h in out.hidden_states)
-    # Row B is the first rejected sequence: its input embeddings are those of its token ids.
-    emb = model.get_input_embeddings()(pair_batch["rejected_input_ids"][:1])
-    torch.testing.assert_close(out.hidden_states[0][B : B + 1], emb)
+        B, T = pair_batch["chosen_input_ids"].shape
+        assert out.pooled_hidden.shape == (2 * B, model.config.num_hidden_layers, model.config.hidden_size)
+        n = int(pair_batch["rejected_attention_mask"][0].sum())  # row B: the first rejected sequence
+        alone = model(input_ids=pair_batch["rejected_input_ids"][:1, :n], output_hidden_states=True).hidden_states
+    want = torch.stack([h[0].mean(dim=0) for h in alone[1:]])  # (L, D), the embeddings left out
+    torch.testing.assert_close(out.pooled_hidden[B], want, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------- the lean path (token_logps.py)

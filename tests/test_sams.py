@@ -20,7 +20,8 @@ from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.sams import ReplayPool, SamS, SchedulerNetworks
-from lightning_modules.sams.context import pair_contexts, pooled_layers
+from lightning_modules.logprobs import pool_layers
+from lightning_modules.sams.context import pair_contexts
 from lightning_modules.sams.rewards import (batch_reward, minmax, relative_decrease, sample_reward,
                                             scheduler_target)
 from resume_helper import assert_resumes_exactly
@@ -108,8 +109,9 @@ def test_context_pools_non_pad_tokens_per_layer_and_averages_the_pair() -> None:
     embeddings = torch.zeros(2, 3, 1)
     layer = torch.tensor([[1.0, 3.0, 9.0], [4.0, 4.0, 4.0]]).unsqueeze(-1)  # (2 rows, T=3, D=1)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    torch.testing.assert_close(pooled_layers((embeddings, layer), mask), torch.tensor([[[2.0]], [[4.0]]]))
-    torch.testing.assert_close(pair_contexts((embeddings, layer), mask), torch.tensor([[[3.0]]]))
+    pooled = pool_layers((embeddings, layer), mask)
+    torch.testing.assert_close(pooled, torch.tensor([[[2.0]], [[4.0]]]))
+    torch.testing.assert_close(pair_contexts(pooled), torch.tensor([[[3.0]]]))
 
 
 def test_networks_are_small_and_f2_never_trains_f1() -> None:

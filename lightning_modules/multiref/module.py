@@ -57,8 +57,7 @@ class MultiReferenceModule(DPOModule):
             objective: MDPO (α-weighted sum of K DPO losses) or MRPO (DPO against the α-weighted harmonic mixture).
             weighting: where α comes from: Fixed, ARWC, VDW, VAW, SWCW, SWCWOneHot, TSW (`--model.init_args.weighting.help TSW`).
             reference: `cached` (the K references of data.init_args.reference_cache, no model loaded) or `live`.
-            live_references: with reference=live, the K models (hub ids / local folders), which must share the
-                policy's tokenizer; loaded in the policy's dtype, or in `reference_quantization` (8bit, 4bit).
+            live_references: with reference=live, the K models (hub ids / folders) sharing the policy's tokenizer.
             **kwargs: DPOModule's (beta, average_logps, sft_weight, reference_quantization, optimizer, lora, ...).
         """
         if reference not in ("cached", "live"):
@@ -217,7 +216,7 @@ class MultiReferenceModule(DPOModule):
             for start in range(0, len(chosen), size):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v
                          for k, v in collate(chosen[start:start + size]).items()}
-                logps = concatenated_forward(self.policy, batch, average=True)
+                logps = concatenated_forward(self.policy, batch, average=True, packed=self.packing)
                 correct += float(preference_accuracy(logps, averaged=True).sum())
         finally:
             self.policy.train(was_training)

@@ -18,7 +18,9 @@ with `reward`, computes their reference log-probs once, and (pairwise objectives
 the rewards: best vs worst or all pairs, skipping gaps of `min_reward_gap` or less. Every step trains
 on the round; after `iterations_per_batch` steps the next step samples a new round, so the prompts of
 the batches in between are not sampled from (sample reuse spends fewer prompts per step). Steps are
-micro-batches: under gradient accumulation, `iterations_per_batch` counts `training_step` calls.
+micro-batches: under gradient accumulation, `iterations_per_batch` counts `training_step` calls (with
+trainer.accumulate_grad_batches=a and reuse 1, an optimizer step averages a fresh rounds; reuse r·a
+spends one round on r optimizer steps, each seeing it a times).
 A running REINFORCE baseline is stepped once per round, when it is sampled, so reuse does not fold a
 round into the EMA twice.
 `mixing_ratio` m blends in the batch's own offline pairs: loss = (1 − m)·on-policy + m·offline.
@@ -49,7 +51,7 @@ from lightning_modules.onpolicy.buffer import SampleRound
 from lightning_modules.onpolicy.pairs import PairMode, RunningBaseline, build_pairs
 from lightning_modules.onpolicy.sampler import Sampling, prompt_ids_of, round_seed, sample_responses
 from lightning_modules.rewards import RewardFunction
-from lightning_modules.sams.context import pooled_layers
+from lightning_modules.sams.context import sample_pair_contexts
 
 CHECKPOINT_KEY = "onpolicy"  # under checkpoint["prefopt"]
 EVAL_SEED_OFFSET = 10**9  # validation / test rounds draw from seeds no training round uses
@@ -73,10 +75,7 @@ class OnPolicyModule(DPOModule):
             sampling: n samples per prompt and the generation settings (temperature, top_k, top_p, max_new_tokens, seed).
             pairs: pairwise objectives: best_worst (one pair per prompt) or all (every pair of the n samples).
             min_reward_gap: keep a pair only when its reward gap exceeds this.
-            iterations_per_batch: training steps on each sampling round (sample reuse); 1 = fresh samples every step.
-                A step is one `training_step` call, i.e. one micro-batch: with trainer.accumulate_grad_batches=a and
-                reuse 1, an optimizer step averages a fresh rounds; reuse r·a spends one round on r optimizer steps
-                (each seeing the round a times).
+            iterations_per_batch: training steps (micro-batches) on each sampling round (sample reuse); 1 = fresh samples.
             mixing_ratio: weight m of the batch's offline pairs: loss = (1 − m)·on-policy + m·offline.
             baseline_decay: decay of the running-mean baseline (Reinforce with baseline=running).
             log_samples_every: write a few sampled texts to TensorBoard every this many rounds (0 = never).
@@ -204,8 +203,8 @@ class OnPolicyModule(DPOModule):
             rows = flat.unique() if len(flat) else torch.zeros(1, dtype=torch.long, device=flat.device)
         selecting = self.sample_scheduler is not None  # SamS selects among the round's pairs (pairwise objectives)
         inputs = round_.rows(rows)
-        logps, _, hidden = sequence_forward(self.policy, inputs, average=self.average_logps,
-                                            output_hidden_states=selecting)  # (R,)
+        logps, _, pooled = sequence_forward(self.policy, inputs, average=self.average_logps,
+                                            output_hidden_states=selecting, packed=self.packing)  # (R,), (R, L, D)
         ref = round_.ref_logps.flatten()[rows]
         metrics = {"kl": (logps.detach() - ref).mean()}
         if self.sampled_objective:
@@ -219,8 +218,7 @@ class OnPolicyModule(DPOModule):
         out = self.objective(logps[chosen], logps[rejected], ref[chosen], ref[rejected], beta=self.beta)
         weights = None
         if selecting:  # every rank steps the scheduler, even one with no pair (its collectives must match)
-            pooled = pooled_layers(hidden, inputs["attention_mask"])  # (R, L, D)
-            weights, selection_metrics = self.select_pairs((pooled[chosen] + pooled[rejected]) / 2, out,
+            weights, selection_metrics = self.select_pairs(sample_pair_contexts(pooled, chosen, rejected), out,
                                                            logps[chosen].detach())
             metrics.update(selection_metrics)
         if len(chosen) == 0:  # no pair cleared the gap: a zero loss that still reaches every weight
@@ -236,7 +234,7 @@ class OnPolicyModule(DPOModule):
             return super().model_step(batch, stage)
         from lightning_modules.logprobs import concatenated_forward
 
-        policy = concatenated_forward(self.policy, batch, average=self.average_logps)
+        policy = concatenated_forward(self.policy, batch, average=self.average_logps, packed=self.packing)
         ref_chosen, ref_rejected = self.reference(batch)
         logps = torch.stack([policy.chosen_logps, policy.rejected_logps], dim=1)  # (B, 2)
         rewards = torch.tensor([[1.0, 0.0]], device=logps.device).expand_as(logps)

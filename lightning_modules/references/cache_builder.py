@@ -31,6 +31,7 @@ from datamodules.schemas import normalize_pair
 from datamodules.tokenize import load_tokenizer
 from datamodules.utils.errors import UserInputError, exit_on_user_error
 from lightning_modules.logprobs import concatenated_forward
+from lightning_modules.packing import supports_packing
 from lightning_modules.models.loading import load_causal_lm
 
 
@@ -63,7 +64,7 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict[
     for start in tqdm(range(0, len(order), batch_size), desc=f"reference {spec.name_or_path}", unit="batch"):
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([items[i] for i in rows]).items()}
-        logps = concatenated_forward(model, batch)
+        logps = concatenated_forward(model, batch, packed=supports_packing(model))  # the same values, padding-free
         for name in ARRAYS[1:]:  # logps are float32 already (`sequence_logps`); counts long
             out[name][rows] = getattr(logps, name).cpu().numpy()
     return out

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from datamodules.utils.errors import UserInputError
 from lightning_modules.objectives import ReferenceShape
 from lightning_modules.logprobs import PairLogps, concatenated_forward, sequence_forward
+from lightning_modules.packing import supports_packing
 from lightning_modules.models.adapters import adapters_disabled
 
 ReferenceMode = Literal["live", "precomputed", "cached", "none"]
@@ -32,9 +33,10 @@ ReferenceMode = Literal["live", "precomputed", "cached", "none"]
 class LiveReference(nn.Module):
     """A frozen causal LM scored with the policy's own log-prob helper."""
 
-    def __init__(self, model: nn.Module, *, average: bool = False, register: bool = True):
+    def __init__(self, model: nn.Module, *, average: bool = False, register: bool = True, packed: bool = False):
         """`register=False` holds `model` without making it a submodule: no DeepSpeed engine, `.to()` or
-        checkpoint sees it (a quantized reference under DeepSpeed, placed on its device when loaded)."""
+        checkpoint sees it (a quantized reference under DeepSpeed, placed on its device when loaded).
+        `packed`: score padding-free (`lightning_modules.packing`) where the model's attention supports it."""
         super().__init__()
         if register:
             self.model = model
@@ -43,6 +45,7 @@ class LiveReference(nn.Module):
         self.model.eval()
         self.model.requires_grad_(False)
         self.average = average
+        self.packed = packed and supports_packing(model)
         self.forward_calls = 0  # counted so tests can assert when no reference pass happens
         self.train(False)  # this wrapper too, not only the wrapped model (nn.Module starts in train mode)
 
@@ -54,7 +57,8 @@ class LiveReference(nn.Module):
     def pair_logps(self, batch: dict[str, Tensor], *, average: bool | None = None) -> PairLogps:
         """Log-probs and token counts of both sides (`average`: None = this reference's own setting)."""
         self.forward_calls += 1
-        return concatenated_forward(self.model, batch, average=self.average if average is None else average)
+        return concatenated_forward(self.model, batch, average=self.average if average is None else average,
+                                    packed=self.packed)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.pair_logps(batch)
@@ -64,7 +68,7 @@ class LiveReference(nn.Module):
     def sequences(self, inputs: dict[str, Tensor]) -> Tensor:
         """(N,) log-probs of N right-padded sequences `input_ids` / `attention_mask` / `labels` (on-policy samples)."""
         self.forward_calls += 1
-        return sequence_forward(self.model, inputs, average=self.average)[0]
+        return sequence_forward(self.model, inputs, average=self.average, packed=self.packed)[0]
 
 
 class AdapterOffReference(nn.Module):
@@ -76,10 +80,11 @@ class AdapterOffReference(nn.Module):
     policy's weights.
     """
 
-    def __init__(self, policy: nn.Module, *, average: bool = False):
+    def __init__(self, policy: nn.Module, *, average: bool = False, packed: bool = False):
         super().__init__()
         object.__setattr__(self, "_policy", policy)
         self.average = average
+        self.packed = packed and supports_packing(policy)
         self.forward_calls = 0
 
     @torch.no_grad()
@@ -90,7 +95,7 @@ class AdapterOffReference(nn.Module):
         policy.eval()  # a reference never uses dropout
         try:
             with adapters_disabled(policy):
-                out = concatenated_forward(policy, batch, average=self.average)
+                out = concatenated_forward(policy, batch, average=self.average, packed=self.packed)
         finally:
             policy.train(was_training)
         return out.chosen_logps, out.rejected_logps
@@ -104,7 +109,7 @@ class AdapterOffReference(nn.Module):
         policy.eval()
         try:
             with adapters_disabled(policy):
-                return sequence_forward(policy, inputs, average=self.average)[0]
+                return sequence_forward(policy, inputs, average=self.average, packed=self.packed)[0]
         finally:
             policy.train(was_training)
 

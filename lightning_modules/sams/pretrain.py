@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from datamodules.utils.errors import UserInputError
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import concatenated_forward
 from lightning_modules.objectives import nll_loss
@@ -43,9 +42,6 @@ class SamSPretrainModule(DPOModule):
             save_path: where the pretrained networks go (relative: inside the run directory).
             **kwargs: DPOModule's (beta for the margin, average_logps, dtype, ...); no reference is loaded.
         """
-        if kwargs.pop("reference", "none") != "none":
-            raise UserInputError("model.reference: scheduler pretraining uses no reference (the margin is "
-                                 "reference-free); leave it unset")
         super().__init__(model_name_or_path, reference="none", sample_scheduler=sample_scheduler or SamS(), **kwargs)
         self.save_path = save_path
         self.automatic_optimization = False  # nothing of the policy is optimized; the scheduler steps itself
@@ -61,13 +57,12 @@ class SamSPretrainModule(DPOModule):
     def model_step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             policy = concatenated_forward(self.policy, batch, average=self.average_logps,
-                                          output_hidden_states=stage == "train")
+                                          output_hidden_states=stage == "train", packed=self.packing)
         sft = nll_loss(policy.chosen_logps, policy.chosen_counts, average=not self.average_logps)  # (B,) per token
         if stage != "train":
             return sft.mean(), {}
-        masks = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         margins = self.beta * (policy.chosen_logps - policy.rejected_logps).float()
-        selected = self.sample_scheduler.step(pair_contexts(policy.hidden_states, masks), sft, margins,
+        selected = self.sample_scheduler.step(pair_contexts(policy.pooled_hidden), sft, margins,
                                               policy.chosen_logps, flipped=batch.get("label_flipped"))
         self.last_selection = selected
         return sft.mean(), selected.metrics

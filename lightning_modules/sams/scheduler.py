@@ -73,8 +73,7 @@ class SamS:
 
         Args:
             ratio: share of each batch's pairs trained on, k = ⌈ratio·n⌉ (the paper: 0.5).
-            selection: topk by score (paper), softmax sampling of k pairs by softmax(u / temperature) (released
-                code), or random (ablation: k uniformly random pairs; the networks still train and are logged).
+            selection: topk by score (paper), softmax (sample k by softmax(u / temperature)) or random (ablation).
             temperature: softmax selection's temperature.
             exploration: train and use the exploration network f2; false = f1 only (ablation).
             exploration_weight: λ in u = f1 + λ·f2 (0.01-0.1).
