@@ -52,6 +52,20 @@ def run_study(study: Callable[..., Any], args: list[str] | None = None) -> Any:
             raise UserInputError(f"{study.__name__}: {one_paragraph(str(error))} (see --help)") from error
 
 
+def fit_in_process(config: str, args: list[str]) -> Any:
+    """`python -m lightning_modules fit --config <config> <args>` in this process; returns the finished LightningCLI.
+
+    The study's own command-line arguments are hidden from the run meanwhile (LightningCLI would warn about them).
+    """
+    from lightning_modules.cli.app import main as cli_main
+
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return cli_main(["fit", "--config", config, *args])
+    finally:
+        sys.argv = argv
+
+
 def run_step(name: str, args: list[str], creates: Path | None, log_dir: Path) -> float:
     """Run `python <args>` unless `creates` exists (None: always run; the step is idempotent itself).
 

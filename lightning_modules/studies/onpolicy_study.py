@@ -25,7 +25,6 @@ import importlib
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from datamodules.synthetic.task import VARIANTS
 from datamodules.utils.errors import UserInputError
 from datamodules.utils.files import write_text_atomic
 from lightning_modules.onpolicy import OnPolicyModule
-from lightning_modules.studies.launch import run_step, run_study
+from lightning_modules.studies.launch import fit_in_process, run_step, run_study
 from lightning_modules.studies.multiref_study import mean_std
 from lightning_modules.studies.onpolicy_verdicts import clearly_above, mean_curve, reward_at, verdicts  # noqa: F401 (tests)
 from lightning_modules.studies.report import new_figure, write_report
@@ -118,15 +117,10 @@ def evaluation_callbacks(variant: str, prompts_path: Path, max_new_tokens: int, 
 
 def run_one(config: str, args: list[str]) -> dict[str, Any]:
     """One in-process `fit` through the CLI: the reward curve, the final greedy reward, seconds."""
-    from lightning_modules.cli.app import main as cli_main
     from lightning_modules.studies.onpolicy_study import RewardCurve as Curve  # the class CURVE names
 
     start = time.perf_counter()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the study's own arguments are not the run's (LightningCLI warns)
-    try:
-        cli = cli_main(["fit", "--config", config, *args])
-    finally:
-        sys.argv = argv
+    cli = fit_in_process(config, args)
     curve = next(c for c in cli.trainer.callbacks if isinstance(c, Curve))
     if not curve.points or curve.points[-1]["step"] != cli.trainer.global_step or curve.points[-1]["reward"] is None:
         raise UserInputError(f"{config}: the run did not score its final policy's greedy generations; make max_steps "
