@@ -57,6 +57,7 @@ class PolicyModule(L.LightningModule):
         lora: LoraSpec | None = None,
         max_nonfinite_steps: int = 5,
         packed_sequences: bool = True,
+        torch_compile: bool = False,
     ):
         """Shared arguments.
 
@@ -70,6 +71,7 @@ class PolicyModule(L.LightningModule):
             lora: train LoRA adapters (peft) on a frozen base instead of all weights; base_quantization: 4bit is QLoRA.
             max_nonfinite_steps: stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient (0 = never).
             packed_sequences: run forwards padding-free (lightning_modules.packing) where the attention supports it; false = padded.
+            torch_compile: compile the policy's forward with torch.compile (dynamic shapes; the first steps pay the compile).
         """
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -83,6 +85,7 @@ class PolicyModule(L.LightningModule):
             raise UserInputError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
         self.packed_sequences = packed_sequences
+        self.torch_compile = torch_compile
         self._rng_restore = RNGRestore()
         self._stop_signals = StopSignals()
         self._bad_loss = False  # a micro-batch of the current optimizer step had a non-finite loss (on some rank)
@@ -114,6 +117,8 @@ class PolicyModule(L.LightningModule):
         if self.gradient_checkpointing:
             self.policy.activation_checkpointing_enable()
             self.policy.config.use_cache = False
+        if self.torch_compile:  # in place (nn.Module.compile): parameter names, checkpoints and exports are unchanged
+            self.policy.compile(dynamic=True)
 
     @property
     def packing(self) -> bool:
