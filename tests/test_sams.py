@@ -361,3 +361,17 @@ def test_selection_metrics_and_score_histogram_reach_tensorboard(assets: Path, t
                  "batch_reward", "sample_reward", "flipped_selected", "flipped_all"):
         assert f"train/sams/{name}" in scalars, name
     assert 0 < logged[-1]["train/sams/flipped_all"] < 1
+
+
+def test_scheduler_stays_float32_under_a_bfloat16_default_dtype() -> None:
+    """Lightning's bf16-true precision makes bfloat16 the default dtype inside the training step, where the networks
+    are built: they are float32 anyway and take float32 contexts."""
+    scheduler = SamS(ratio=0.5)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for _ in range(2):
+            scheduler.step(torch.randn(4, 2, 8, dtype=torch.bfloat16), torch.rand(4), torch.randn(4), -torch.rand(4))
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(p.dtype == torch.float32 for p in scheduler.networks.parameters())

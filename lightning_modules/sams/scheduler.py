@@ -124,7 +124,8 @@ class SamS:
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.networks = SchedulerNetworks(num_layers, hidden_size, **self.sizes)
+            # float32 whatever the default dtype (Lightning's bf16-true precision sets it to bf16 inside the step)
+            self.networks = SchedulerNetworks(num_layers, hidden_size, **self.sizes).float()
         if self.pretrained is not None:
             self.networks.load_state_dict(self.read_pretrained(self.pretrained, num_layers, hidden_size))
         self.networks.to(device)
