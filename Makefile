@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study bandit multiref-bench onpolicy-study generation-bench
+.PHONY: demo test test-fast install clean-demo tensorboard padding-bench reference-quant-bench refdpo-sweep multiref-study bandit multiref-bench onpolicy-study generation-bench sams-bench sams-study
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ multiref-bench: $(STAMP)
 # On-policy sampling throughput and an on-policy step's generation / training split, on the demo model (CPU, ~1 min).
 generation-bench: $(STAMP)
 	$(PY) -m lightning_modules.studies.generation_benchmark --config configs/studies/generation-bench/bench.yaml
+
+# Step cost of DPO + SamS (ratio 0.5 and 1.0) against plain DPO, and the scheduler's parameter count, on the demo model (CPU, ~10 min).
+sams-bench: $(STAMP)
+	$(PY) -m lightning_modules.studies.sams_benchmark --config configs/studies/sams-bench/bench.yaml
+
+# SamS vs DPO and DPO + random-50% on the synthetic task: 5 methods × 0% / 20% flipped labels × 3 seeds (CPU, ~15 min; resumes: delete runs/sams-study).
+sams-study: $(STAMP)
+	$(PY) -m lightning_modules.studies.sams_study --config configs/studies/sams-study/study.yaml
 
 # Padding with random vs length-grouped batches on synthetic UltraFeedback-like lengths (CPU, seconds).
 padding-bench: $(STAMP)

@@ -187,9 +187,12 @@ class DPOModule(PolicyModule):
         """The scheduler's step on (B, L, D) pair contexts and the objective's output; the (B,) loss weights."""
         selected = self.sample_scheduler.step(contexts, out.losses, out.chosen_rewards - out.rejected_rewards,
                                               chosen_logps, flipped=flipped)
-        self.last_selection = selected  # this step's `Selected` (masks, scores), for callbacks and tests
+        self.last_selection = selected  # this step's `Selected` (masks, scores, every metric), for callbacks and tests
         self.log_score_histogram(selected.scores)
-        return selected.mask.to(out.losses.dtype) * selected.weight, selected.metrics
+        # ~15 scheduler metrics through self.log cost more than the scheduler's own step on a small model: hand them
+        # to the logger on logging steps only (`last_selection.metrics` has them every step)
+        logging = self._trainer is None or self.global_step % self.trainer.log_every_n_steps == 0
+        return selected.mask.to(out.losses.dtype) * selected.weight, selected.metrics if logging else {}
 
     @rank_zero_only
     def log_score_histogram(self, scores: Tensor) -> None:

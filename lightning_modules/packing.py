@@ -2,10 +2,11 @@
 
 Real preference data is long-tailed, so a padded (N, T) batch is often half padding, paid for in every
 forward and backward. `pack_sequences` lays the sequences' real tokens end to end, first-fit decreasing into
-rows of `capacity` tokens (default: `ROW_TOKENS` = 2,048, or the longest sequence if that is longer).
-The MLPs, the LM head and the log-softmax then see only real tokens; attention, masked block-diagonal,
-costs about what a padded batch of sequences that long would (at UltraFeedback-like lengths, a 2,048-token
-row holds 4-5 sequences, whose padded (5, 1,024) batch costs 5·1,024² against 2,048²). Position ids restart at 0 at each sequence; with
+rows of `capacity` tokens (default: the longest sequence, i.e. the padded batch's width T). The MLPs, the
+LM head and the log-softmax then see only real tokens, and attention (masked block-diagonal, so each row
+costs C² whatever it holds) never costs more than the padded batch: R ≤ N rows of T tokens. Longer rows
+pack tighter but pay C² per row: one 2,048-token row of 64 short demo sequences made a CPU step 4-5×
+slower than padded (`make sams-bench`, found while building it), so longer rows are opt-in (`capacity`). Position ids restart at 0 at each sequence; with
 `attention_mask=None` and `use_cache=False`, transformers (5.x `masking_utils.find_packed_sequence_indices`)
 reads the restarts and keeps attention block-diagonal for the `sdpa`, `eager` and `flex_attention`
 implementations (flash-attention's varlen path reads the same position ids).
@@ -33,7 +34,6 @@ from datamodules.tokenize import IGNORE_INDEX
 
 # Attention implementations whose masks follow packed position ids in the pinned transformers (5.23)
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
-ROW_TOKENS = 2048  # default packed row length
 
 
 @dataclass
@@ -66,10 +66,10 @@ def supports_packing(model: torch.nn.Module) -> bool:
 
 def pack_sequences(inputs: dict[str, Tensor], *, capacity: int | None = None, pad_token_id: int = 0) -> PackedRows:
     """Pack right-padded `input_ids` / `attention_mask` / `labels` (N, T) first-fit decreasing into rows of `capacity`
-    tokens (default `ROW_TOKENS`; never shorter than the longest sequence)."""
+    tokens (default and minimum: the longest sequence)."""
     mask = inputs["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
-    capacity = max(capacity or ROW_TOKENS, max(lengths), 1)
+    capacity = max(capacity or 0, max(lengths), 1)
     rows: list[list[int]] = []  # sequence indices per row
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

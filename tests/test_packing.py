@@ -3,6 +3,7 @@ and gradients as padded batches for every attention implementation the packing s
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,14 @@ def pair_batch(assets: Path) -> dict:
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention"])
-@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("average, capacity", [(False, None), (True, 64)], ids=["sum-rows_of_T", "mean-rows_of_64"])
 def test_packed_equals_padded_log_probs_hidden_states_and_gradients(assets: Path, pair_batch, implementation,
-                                                                    average) -> None:
+                                                                    average, capacity, monkeypatch) -> None:
+    """Rows as long as the longest sequence (the default: here one sequence and a filler segment per row) and rows
+    of 64 tokens (3-5 sequences each)."""
+    import lightning_modules.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "pack_sequences", functools.partial(pack_sequences, capacity=capacity))
     model = AutoModelForCausalLM.from_pretrained(str(assets / "model"), attn_implementation=implementation)
     assert supports_packing(model)
     backward = implementation != "flex_attention"  # torch 2.13's FlexAttention has no backward on CPU
@@ -82,8 +88,8 @@ def test_packed_equals_padded_log_probs_hidden_states_and_gradients(assets: Path
 def test_packing_never_processes_more_tokens_than_padding(pair_batch) -> None:
     inputs = {key: torch.cat([pair_batch[f"chosen_{key}"], pair_batch[f"rejected_{key}"]])
               for key in ("input_ids", "attention_mask", "labels")}
-    rows = pack_sequences(inputs)
-    assert rows.input_ids.shape[0] == 1  # 12 short sequences fit in one 2,048-token row
-    longest = pack_sequences(inputs, capacity=1)  # rows as long as the longest sequence: never more than padded
-    assert longest.input_ids.shape[1] == inputs["input_ids"].shape[1] and longest.input_ids.shape[0] <= 12
+    rows = pack_sequences(inputs)  # rows as long as the longest sequence: never more rows or columns than padded
+    assert rows.input_ids.shape[1] == inputs["input_ids"].shape[1] and rows.input_ids.shape[0] <= 12
+    assert pack_sequences(inputs, capacity=1).input_ids.shape == rows.input_ids.shape  # never below the longest
+    assert pack_sequences(inputs, capacity=2048).input_ids.shape[0] == 1  # opt-in long rows: all 12 in one
     assert int((rows.sequence >= 0).sum()) == int(inputs["attention_mask"].sum())  # every real token, once

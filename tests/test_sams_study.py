@@ -66,18 +66,20 @@ def test_run_args_set_the_noise_the_seeds_and_the_methods_scheduler(tmp_path: Pa
     assert "--seed_everything=2" in plain and not any("sample_scheduler" in a for a in plain)
     scheduler = next(a for a in sams if a.startswith("--model.init_args.sample_scheduler="))
     assert json.loads(scheduler.split("=", 1)[1]) == {"class_path": "lightning_modules.sams.SamS",
-                                                      "init_args": {"ratio": 0.5, "selection": "topk", "seed": 2}}
+                                                      "init_args": {"ratio": 0.5, "selection": "topk", "seed": 2,
+                                                                    "replay_batches": 32}}
     assert sams[-1] == '--trainer.callbacks+={"class_path": "lightning_modules.studies.sams_study.SelectionTrace"}'
     assert noise_label(0.2) == "20%" and noise_label(0.0) == "0%" and noise_label(0.125) == "12.5%"
 
 
-def test_selection_trace_reads_this_steps_logged_shares_only_with_label_noise() -> None:
+def test_selection_trace_reads_this_steps_shares_only_with_label_noise() -> None:
+    """The trace reads the step's own selection metrics (`last_selection.metrics`: every step, logged or not)."""
     trace = SelectionTrace()
-    trainer = SimpleNamespace(callback_metrics={"train/sams/flipped_selected": torch.tensor(0.125),
-                                                "train/sams/flipped_all": torch.tensor(0.25)},
-                              sanity_checking=False, global_step=7)
-    trace.on_train_batch_end(trainer, None, None, {"label_flipped": torch.zeros(4)}, 0)
-    trace.on_train_batch_end(trainer, None, None, {}, 1)  # no label noise: nothing to read
+    trainer = SimpleNamespace(sanity_checking=False, global_step=7)
+    module = SimpleNamespace(last_selection=SimpleNamespace(metrics={"sams/flipped_selected": torch.tensor(0.125),
+                                                                     "sams/flipped_all": torch.tensor(0.25)}))
+    trace.on_train_batch_end(trainer, module, None, {"label_flipped": torch.zeros(4)}, 0)
+    trace.on_train_batch_end(trainer, module, None, {}, 1)  # no label noise: nothing to read
     trace.on_validation_end(trainer, None)
     assert trace.shares == {"selected": [0.125], "chance": [0.25]} and trace.validated == [7]
     resumed = SelectionTrace()

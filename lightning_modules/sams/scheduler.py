@@ -66,7 +66,7 @@ class SamS:
 
     def __init__(self, ratio: float = 0.5, selection: Selection = "topk", temperature: float = 1.0,
                  exploration: bool = True, exploration_weight: float = 0.05, kappa: float = 50.0, gamma: float = 0.5,
-                 batch_reward_decay: float = 0.0, pool_size: int = 512, replay_batches: int = 32, lr: float = 1e-4,
+                 batch_reward_decay: float = 0.0, pool_size: int = 512, replay_batches: int = 8, lr: float = 1e-4,
                  weight_decay: float = 1e-5, connector_size: int = 64, num_heads: int = 4, exploration_size: int = 32,
                  pretrained: str | None = None, seed: int = 0):
         """Scheduler settings.
@@ -81,7 +81,7 @@ class SamS:
             gamma: γ in y = γ·r_B + (1 − γ)·r_S.
             batch_reward_decay: smooth r_B by a running mean with this decay (0 = off).
             pool_size: replay pool bound, in pairs.
-            replay_batches: past batches replayed with the current one at each scheduler update (up to).
+            replay_batches: past batches replayed with each scheduler update (up to; the paper: 32, about 4x the cost).
             lr: the scheduler's AdamW learning rate (the paper: 1e-4).
             weight_decay: the scheduler's AdamW weight decay (the paper: 1e-5).
             connector_size: c, width of the per-layer connectors and the layer encoder.

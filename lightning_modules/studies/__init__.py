@@ -19,4 +19,6 @@ STUDIES = {
     "bandit": "bandit_study",
     "onpolicy-study": "onpolicy_study",
     "generation-bench": "generation_benchmark",
+    "sams-bench": "sams_benchmark",
+    "sams-study": "sams_study",
 }

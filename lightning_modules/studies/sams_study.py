@@ -86,10 +86,13 @@ class SelectionTrace(L.Callback):
                            batch_idx: int) -> None:
         if batch.get("label_flipped") is None:  # no label noise: the module logs no flipped shares
             return
-        metrics = trainer.callback_metrics  # this step's values (the module logs training metrics on_step)
+        selection = getattr(pl_module, "last_selection", None)  # None: plain DPO, no scheduler
+        if selection is None:
+            return
+        metrics = selection.metrics  # this step's values (logged only every log_every_n_steps)
         for key, name in FLIPPED.items():
-            if name in metrics:
-                self.shares[key].append(float(metrics[name]))
+            if name.removeprefix("train/") in metrics:
+                self.shares[key].append(float(metrics[name.removeprefix("train/")]))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -151,7 +154,8 @@ def run_args(method: StudyMethod, seed: int, noise: float, folder: Path, export:
             f"--data.init_args.label_noise={noise}", f"--data.init_args.label_noise_seed={seed}"]
     if method.selection is not None:
         scheduler = {"class_path": "lightning_modules.sams.SamS",
-                     "init_args": {"ratio": method.ratio, "selection": method.selection, "seed": seed}}
+                     "init_args": {"ratio": method.ratio, "selection": method.selection, "seed": seed,
+                                   "replay_batches": 32}}  # the paper's replay (SamS's default is 8)
         args.append(f"--model.init_args.sample_scheduler={json.dumps(scheduler)}")
     reward = {"class_path": "lightning_modules.rewards.Synthetic", "init_args": {"variant": variant}}
     generation = {"class_path": "callbacks.GenerationReward",
