@@ -13,7 +13,6 @@ import copy
 import warnings
 from typing import Any, get_args
 
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
