@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_modules.dpo import DPOModule
 from lightning_modules.logprobs import concatenated_forward
-from lightning_modules.objectives import nll_loss
+from lightning_modules.objectives import PreferenceLossOutput, nll_loss
 from lightning_modules.runtime.run_dir import resolve_in_run_dir
 from lightning_modules.sams.context import pair_contexts
 from lightning_modules.sams.scheduler import SamS
@@ -61,11 +61,12 @@ class SamSPretrainModule(DPOModule):
         sft = nll_loss(policy.chosen_logps, policy.chosen_counts, average=not self.average_logps)  # (B,) per token
         if stage != "train":
             return sft.mean(), {}
-        margins = self.beta * (policy.chosen_logps - policy.rejected_logps).float()
-        selected = self.sample_scheduler.step(pair_contexts(policy.pooled_hidden), sft, margins,
-                                              policy.chosen_logps, flipped=batch.get("label_flipped"))
-        self.last_selection = selected
-        return sft.mean(), selected.metrics
+        # the reference-free implicit rewards β·logπ give the margin of r_S; the SFT loss is the batch loss of r_B
+        out = PreferenceLossOutput(losses=sft, chosen_rewards=self.beta * policy.chosen_logps.float(),
+                                   rejected_rewards=self.beta * policy.rejected_logps.float())
+        _, metrics = self.select_pairs(pair_contexts(policy.pooled_hidden), out, policy.chosen_logps,
+                                       batch.get("label_flipped"))
+        return sft.mean(), metrics
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -236,9 +236,8 @@ class SamS:
              flipped: Tensor | None = None) -> Selected:
         """Select this rank's pairs from the global batch; see the module docstring. All inputs (B, ...) detached."""
         contexts, counts = gather_rows(contexts.detach().float())
-        losses, _ = gather_rows(losses.detach().float())
-        margins, _ = gather_rows(margins.detach().float())
-        chosen_logps, _ = gather_rows(chosen_logps.detach().float())
+        columns = torch.stack([losses.detach().float(), margins.detach().float(), chosen_logps.detach().float()], 1)
+        losses, margins, chosen_logps = gather_rows(columns)[0].unbind(1)  # one gather for the three (B,) columns
         rank, size = world()
         if contexts.shape[0] == 0:  # no candidate on any rank (on-policy: no pair cleared the reward gap): skip
             empty = torch.zeros(0, dtype=torch.bool, device=contexts.device)
